@@ -1,0 +1,7 @@
+"""Benchmarks run by ``pyro-am bench NAME``; each module exposes ``register(subparsers)``.
+
+Benchmarks measure wall time and memory against peer implementations in one process, print a table
+and write JSON. Their results are recorded in docs/benchmarks.md; tests never assert timings.
+"""
+
+BENCHMARK_MODULES = ("pyro_am.benchmarks.retrieval",)

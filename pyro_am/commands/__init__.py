@@ -1,0 +1,1 @@
+"""Subcommands of ``pyro-am``; each module exposes ``register(subparsers)``."""
