@@ -12,8 +12,10 @@ With a boolean ``mask`` of observed coordinates the observed coordinates stay cl
 others move (pattern completion). For the fixed-point method the update of the missing coordinates
 is ``F(x)`` restricted to them: F minimizes a quadratic bound that is separable across coordinates,
 so its restriction minimizes the bound over the missing coordinates with the observed ones fixed,
-and E still never increases. For KDE and isotropic mixtures this is the responsibility-weighted mean
-of the memories' missing coordinates, responsibilities taken from the current full vector.
+and E still never increases. For KDE and mixtures with one shared scale this is the
+responsibility-weighted mean of the memories' missing coordinates, responsibilities taken from the
+current full vector. With per-component scales each responsibility is also weighted by the
+component's precision in that coordinate.
 
 A query stops when its largest coordinate change falls below ``tol``; converged queries are no
 longer updated, so later steps cost only the active queries.
@@ -119,7 +121,7 @@ def retrieve(
             step_size *= 0.1
     check_positive("step_size", step_size)
 
-    x, batch_shape = energy._flatten(x0)
+    x, batch_shape = energy._flatten(x0, "x0")
     check_finite("x0", x)
     x = x.detach().clone()
     flat_mask = _check_mask(mask, (*batch_shape, energy.dim), x.device)
@@ -135,7 +137,13 @@ def retrieve(
             )
         else:
             outcome = _run_langevin(
-                energy, x, flat_mask, max_steps, step_size, temperature, generator,
+                energy,
+                x,
+                flat_mask,
+                max_steps,
+                step_size,
+                temperature,
+                generator,
                 return_trajectory,
             )
         states, steps, converged, trajectory = outcome
@@ -174,7 +182,9 @@ def _run_fixed_point(energy, x, mask, max_steps, tol, keep):
         if active.numel() == 0:
             break
         current = x[active]
-        updated = _clamp(energy._fixed_point(current), current, None if mask is None else mask[active])
+        updated = _clamp(
+            energy._fixed_point(current), current, None if mask is None else mask[active]
+        )
         change = (updated - current).abs().amax(dim=-1)
         x[active] = updated
         steps[active] += 1
@@ -201,17 +211,21 @@ def _run_gradient(energy, x, mask, max_steps, tol, step_size, keep):
         if mask is not None:
             grad = grad.masked_fill(mask[active], 0.0)
         step = eta[active]
-        # Backtracking: shrink the step of every query whose energy would rise.
+        # Backtracking: shrink the step of every query whose energy would rise. Each trial also
+        # returns its gradient, so an accepted step needs no second pass over the memories, and
+        # the energy a later step compares against is the one this comparison accepted.
         pending = torch.ones(active.numel(), dtype=torch.bool, device=x.device)
         candidate = point.clone()
         candidate_value = value.clone()
+        candidate_grad = current_grad[active]
         for _ in range(_MAX_BACKTRACKS):
             index = pending.nonzero(as_tuple=True)[0]
             trial = point[index] - step[index].unsqueeze(-1) * grad[index]
-            trial_value = energy._energy(trial)
+            trial_value, trial_grad = energy._energy_and_grad(trial)
             accepted = trial_value <= value[index]
             candidate[index[accepted]] = trial[accepted]
             candidate_value[index[accepted]] = trial_value[accepted]
+            candidate_grad[index[accepted]] = trial_grad[accepted]
             pending[index[accepted]] = False
             step[index[~accepted]] *= 0.5
             if not bool(pending.any()):
@@ -221,9 +235,8 @@ def _run_gradient(energy, x, mask, max_steps, tol, step_size, keep):
         x[active] = candidate
         eta[active] = torch.where(pending, step, step * 1.5)
         steps[active] += 1
-        new_energy, new_grad = energy._energy_and_grad(candidate)
-        current_energy[active] = new_energy
-        current_grad[active] = new_grad
+        current_energy[active] = candidate_value
+        current_grad[active] = candidate_grad
         done = change <= tol
         converged[active[done]] = True
         active = active[~done]

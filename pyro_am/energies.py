@@ -8,7 +8,8 @@ For memories ``X`` of shape (N, D) and queries ``x`` of shape (..., D)::
         grad E_kde(x) = (x - F(x)) / h^2,     F(x) = sum_n softmax_n(-|x - x_n|^2 / (2 h^2)) x_n
 
     Dense associative memory (modern Hopfield network), inverse temperature beta, M = max_n |x_n|:
-        E_dam(xi) = -(1 / beta) log sum_n exp(beta x_n . xi) + |xi|^2 / 2 + (1 / beta) log N + M^2 / 2
+        E_dam(xi) = -(1 / beta) log sum_n exp(beta x_n . xi) + |xi|^2 / 2
+                    + (1 / beta) log N + M^2 / 2
         F(xi) = sum_n softmax_n(beta x_n . xi) x_n
 
     Gaussian mixture, weights pi_k, means mu_k, variances s_k^2 (scalar, per component or diagonal):
@@ -56,7 +57,8 @@ class Energy:
 
     def __init__(self, memories: torch.Tensor, block_elements: int | None = None):
         self.memories = check_memories("memories", memories)
-        if block_elements is not None and (not isinstance(block_elements, int) or block_elements < 1):
+        invalid = isinstance(block_elements, bool) or not isinstance(block_elements, int)
+        if block_elements is not None and (invalid or block_elements < 1):
             raise ValueError(
                 f"block_elements must be a positive integer, but got {block_elements!r}."
             )
@@ -84,8 +86,8 @@ class Energy:
     def device(self) -> torch.device:
         return self.memories.device
 
-    def _flatten(self, x) -> tuple[torch.Tensor, torch.Size]:
-        x = check_query("x", x, self.dim, self.memories)
+    def _flatten(self, x, name: str = "x") -> tuple[torch.Tensor, torch.Size]:
+        x = check_query(name, x, self.dim, self.memories)
         batch_shape = x.shape[:-1]
         return x.reshape(-1, self.dim), batch_shape
 
@@ -170,7 +172,7 @@ class Energy:
 
 
 def _scalar_parameter(name: str, value, like: torch.Tensor) -> torch.Tensor:
-    """Convert a positive scalar (float or 0-d tensor, possibly requiring grad) to ``like``'s dtype."""
+    """Convert a positive scalar (float or 0-d tensor, may require grad) to ``like``'s dtype."""
     tensor = as_float_tensor(name, value, like=like)
     if tensor.numel() != 1:
         raise ValueError(f"{name} must be a scalar, but has shape {tuple(tensor.shape)}.")
@@ -239,9 +241,9 @@ class DenseAMEnergy(Energy):
     """Energy of a dense associative memory (modern Hopfield network).
 
     ``E(xi) = -(1/beta) log sum_n exp(beta x_n . xi) + |xi|^2 / 2 + (1/beta) log N + M^2 / 2`` with
-    ``M = max_n |x_n|``. One :meth:`fixed_point` step is the modern Hopfield update, which is also one
-    step of softmax attention with the memories as keys and values. The density ``exp(-E)`` has no
-    closed-form normalizer unless all memories share a norm, so :meth:`log_prob` is not defined.
+    ``M = max_n |x_n|``. One :meth:`fixed_point` step is the modern Hopfield update, which is also
+    one step of softmax attention with the memories as keys and values. The density ``exp(-E)`` has
+    no closed-form normalizer unless all memories share a norm, so :meth:`log_prob` is not defined.
 
     :param torch.Tensor memories: stored patterns of shape (N, D).
     :param beta: inverse temperature beta > 0.
@@ -304,6 +306,8 @@ class GaussianMixtureEnergy(Energy):
     has_log_prob = True
 
     def __init__(self, means, scales, weights=None, logits=None, block_elements=None):
+        # Checked here first so that an error names the argument the caller passed.
+        means = check_memories("means", means)
         super().__init__(means, block_elements)
         num_components, dim = self.memories.shape
         scales = as_float_tensor("scales", scales, like=self.memories)

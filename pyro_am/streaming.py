@@ -11,10 +11,11 @@ queries and memories, rescaling running sums by the running maximum as in stream
 largest temporary is one block of ``query_chunk x memory_chunk`` logits rather than
 ``num_queries x num_memories``.
 
-Chunk policy: a block holds at most ``block_elements`` logits (default ``2**22``, 16 MiB in float32).
-Queries are taken whole unless that would leave fewer than 1024 memories a block, and the memory
-chunk fills the rest of the block. This keeps each GEMM large enough to run near peak speed while
-peak memory stays O(block), independent of N.
+Chunk policy: a block holds at most ``block_elements`` logits (default ``2**22``, which is 16 MiB
+in float32). Queries are taken whole unless that would leave fewer than 1024 memories a block, and
+the memory chunk fills the rest of the block. This keeps each GEMM large enough to run near peak
+speed while peak memory stays O(block), independent of N. A ``block_elements`` below 1024 gives
+one query a block and ``block_elements`` memories, so the bound on the block always holds.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ MIN_MEMORY_CHUNK = 1024
 class SoftmaxStatistics(NamedTuple):
     """Partial softmax statistics of one block of memories, in a form that combines exactly.
 
-    ``maximum[b]`` is the largest logit seen, ``normalizer[b] = sum_n exp(logits[b, n] - maximum[b])``
-    and ``weighted[b] = sum_n exp(logits[b, n] - maximum[b]) values[n]``. Two sets of statistics over
+    ``maximum[b]`` is the largest logit seen,
+    ``normalizer[b] = sum_n exp(logits[b, n] - maximum[b])`` and
+    ``weighted[b] = sum_n exp(logits[b, n] - maximum[b]) values[n]``. Two sets of statistics over
     disjoint memory sets combine with :func:`combine_statistics`, which is how a memory bank split
     across devices or processes is reduced.
     """
@@ -95,6 +97,26 @@ def _block_statistics(
     return SoftmaxStatistics(maximum, normalizer, weighted)
 
 
+def _check_operands(features, keys, bias, values) -> None:
+    if features.dim() != 2 or keys.dim() != 2 or features.shape[1] != keys.shape[1]:
+        raise ValueError(
+            "features and keys must have shapes (B, F) and (N, F), but have shapes "
+            f"{tuple(features.shape)} and {tuple(keys.shape)}."
+        )
+    if keys.shape[0] < 1:
+        raise ValueError("keys must hold at least one memory, but has shape (0, F).")
+    if bias.shape != keys.shape[:1]:
+        raise ValueError(
+            f"bias must have shape ({keys.shape[0]},) to match keys, but has shape "
+            f"{tuple(bias.shape)}."
+        )
+    if values is not None and (values.dim() != 2 or values.shape[0] != keys.shape[0]):
+        raise ValueError(
+            f"values must have shape ({keys.shape[0]}, V) to match keys, but has shape "
+            f"{tuple(values.shape)}."
+        )
+
+
 def softmax_statistics(
     features: torch.Tensor,
     keys: torch.Tensor,
@@ -111,6 +133,7 @@ def softmax_statistics(
     :param int block_elements: the largest number of logits held at once.
     :returns: :class:`SoftmaxStatistics` with tensors of shape (B,) and (B, V).
     """
+    _check_operands(features, keys, bias, values)
     num_queries, num_memories = features.shape[0], keys.shape[0]
     query_chunk, memory_chunk = chunk_sizes(num_queries, num_memories, block_elements)
     if query_chunk >= num_queries:
@@ -130,6 +153,12 @@ def combine_statistics(parts: list[SoftmaxStatistics]) -> SoftmaxStatistics:
     """Combine statistics computed over disjoint sets of memories into those of their union."""
     if not parts:
         raise ValueError("parts must contain at least one SoftmaxStatistics, but it is empty.")
+    with_values = [part.weighted is not None for part in parts]
+    if any(with_values) and not all(with_values):
+        raise ValueError(
+            "parts must all carry weighted values or all omit them, but "
+            f"{with_values.count(False)} of {len(parts)} have weighted=None."
+        )
     maximum = torch.stack([part.maximum for part in parts]).amax(dim=0)
     normalizer = torch.zeros_like(maximum)
     weighted = None
