@@ -1,5 +1,7 @@
 """Pyro distributions built on the energies of :mod:`pyro_am.energies`."""
 
+from pyro_am.distributions.kde import GaussianKDE
 from pyro_am.distributions.mixture import GaussianMixture
+from pyro_am.distributions.stick_breaking import BetaStickBreaking, StickBreakingWeights
 
-__all__ = ["GaussianMixture"]
+__all__ = ["GaussianKDE", "GaussianMixture", "BetaStickBreaking", "StickBreakingWeights"]
