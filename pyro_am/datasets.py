@@ -127,13 +127,13 @@ def load_pattern_file(path) -> Dataset:
     * ``.npy``: a 2-D numeric array of shape (N, D).
     * ``.npz``: an array named ``patterns`` of shape (N, D) and optionally ``labels`` of shape (N,).
     * ``.csv``: numeric rows; the first row may be a header, and if the header's last name is
-      ``label`` that column holds integer labels.
+      ``label`` that column contains integer labels.
 
     :param path: the file to read.
     :returns: a :class:`Dataset` named after the file.
     :raises FileNotFoundError: if the file does not exist.
-    :raises ValueError: if the file cannot be parsed, is not 2-D, is empty, holds non-numeric
-        values, or holds NaN or infinite values. The message names the file.
+    :raises ValueError: if the file cannot be parsed, is not 2-D, is empty, or contains
+        non-numeric, NaN or infinite values. The message names the file.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -202,20 +202,22 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
 def _read_csv(path: str) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
     try:
         with open(path, newline="", encoding="utf-8") as handle:
-            rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
+            reader = csv.reader(handle)
+            numbered = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise ValueError(f"pattern file {path!r} is not a readable CSV file: {error}") from error
-    if not rows:
+    if not numbered:
         raise ValueError(f"pattern file {path!r} is empty.")
 
     header = None
-    if not _is_numeric_row(rows[0]):
-        header = tuple(cell.strip() for cell in rows[0])
-        rows = rows[1:]
-    if not rows:
+    if not _is_numeric_row(numbered[0][1]):
+        header = tuple(cell.strip() for cell in numbered[0][1])
+        numbered = numbered[1:]
+    if not numbered:
         raise ValueError(f"pattern file {path!r} has a header but no data rows.")
+    rows = [row for _, row in numbered]
     width = len(rows[0])
-    for number, row in enumerate(rows, start=2 if header else 1):
+    for number, row in numbered:
         if len(row) != width:
             raise ValueError(
                 f"pattern file {path!r} line {number} has {len(row)} columns, expected {width}."
@@ -228,7 +230,7 @@ def _read_csv(path: str) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...]
     try:
         table = np.array([[float(cell) for cell in row] for row in rows], dtype=np.float64)
     except ValueError as error:
-        raise ValueError(f"pattern file {path!r} holds a non-numeric value: {error}.") from error
+        raise ValueError(f"pattern file {path!r} contains a non-numeric value: {error}.") from error
 
     labels = None
     if header is not None and header[-1].lower() == "label":
@@ -247,15 +249,15 @@ def _is_numeric_row(row: list[str]) -> bool:
 def _check_patterns(path: str, data: np.ndarray) -> np.ndarray:
     data = np.asarray(data)
     if data.dtype.kind not in "biuf":
-        raise ValueError(f"pattern file {path!r} holds dtype {data.dtype}; it must be numeric.")
+        raise ValueError(f"pattern file {path!r} has dtype {data.dtype}, but it must be numeric.")
     if data.ndim != 2:
         raise ValueError(
-            f"pattern file {path!r} holds an array of shape {data.shape}; "
+            f"pattern file {path!r} contains an array of shape {data.shape}; "
             "it must be 2-D, of shape (num_patterns, dim)."
         )
     if data.shape[0] < 2 or data.shape[1] < 1:
         raise ValueError(
-            f"pattern file {path!r} holds an array of shape {data.shape}; "
+            f"pattern file {path!r} contains an array of shape {data.shape}; "
             "it needs at least 2 patterns of dimension >= 1."
         )
     data = data.astype(np.float64)
@@ -263,7 +265,7 @@ def _check_patterns(path: str, data: np.ndarray) -> np.ndarray:
     if not finite.all():
         row, col = np.argwhere(~finite)[0]
         raise ValueError(
-            f"pattern file {path!r} holds {int((~finite).sum())} NaN or infinite value(s), "
+            f"pattern file {path!r} contains {int((~finite).sum())} NaN or infinite value(s), "
             f"the first at row {row}, column {col}; remove or impute them."
         )
     return data

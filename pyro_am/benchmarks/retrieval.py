@@ -13,9 +13,9 @@ both of its GEMMs. The same retrieval written by hand (``torch.cdist``, ``softma
 over all memories) is timed next to it and the largest absolute difference of the final states is
 reported.
 
-Peak memory. In a fresh subprocess (so that earlier allocations cannot hide it) a bank of N memories
-is allocated, then retrieval runs, and the growth of the peak resident set size (``ru_maxrss``; on
-CUDA, ``torch.cuda.max_memory_allocated``) during retrieval is reported next to the bank's own size.
+Peak memory. A fresh subprocess, where earlier allocations cannot hide it, allocates a bank of N
+memories and then runs retrieval. The growth of the peak resident set size (``ru_maxrss``, or
+``torch.cuda.max_memory_allocated`` on CUDA) during retrieval is reported next to the bank's size.
 The hand-written loop needs at least one (B, N) array per step; its size is computed, and it is only
 measured when three such arrays fit in half of the available memory.
 """

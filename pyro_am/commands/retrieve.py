@@ -1,8 +1,8 @@
 """``pyro-am retrieve``: complete and denoise corrupted patterns with an associative memory.
 
 The patterns (by default scikit-learn's 1,797 8x8 digits) are split into stored memories and
-held-out queries. Each corruption level (a fraction of hidden pixels, or Gaussian noise of a given
-standard deviation) is applied to the held-out queries and to a sample of the stored patterns
+held-out queries. Each corruption level is a fraction of hidden pixels or a standard deviation of
+Gaussian noise. It is applied to the held-out queries and to a sample of the stored patterns
 ("probes"), and retrieval descends a Gaussian KDE energy and a dense associative memory energy:
 
     KDE:  x <- sum_n softmax_n(-|x - x_n|^2 / (2 h^2)) x_n
