@@ -34,6 +34,7 @@ import torch
 
 from pyro_am._validation import (
     as_float_tensor,
+    check_finite,
     check_memories,
     check_positive,
     check_query,
@@ -329,6 +330,7 @@ class GaussianMixtureEnergy(Energy):
                 raise ValueError(
                     f"logits must have shape ({num_components},), but has {tuple(logits.shape)}."
                 )
+            check_finite("logits", logits.detach())
             return torch.log_softmax(logits, dim=-1)
         if weights is None:
             return torch.full(

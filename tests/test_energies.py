@@ -516,6 +516,8 @@ def test_bad_mixture_weights_raise(device):
         GaussianMixtureEnergy(means, 1.0, weights=torch.full((2,), 0.5))
     with pytest.raises(ValueError, match=r"logits must have shape \(4,\)"):
         GaussianMixtureEnergy(means, 1.0, logits=torch.zeros(3))
+    with pytest.raises(ValueError, match="logits contains 1 NaN or infinite"):
+        GaussianMixtureEnergy(means, 1.0, logits=torch.tensor([0.0, float("nan"), 0.0, 0.0]))
     with pytest.raises(ValueError, match="either weights or logits"):
         GaussianMixtureEnergy(means, 1.0, weights=torch.full((4,), 0.25), logits=torch.zeros(4))
 
