@@ -3,5 +3,12 @@
 from pyro_am.distributions.kde import GaussianKDE
 from pyro_am.distributions.mixture import GaussianMixture
 from pyro_am.distributions.stick_breaking import BetaStickBreaking, StickBreakingWeights
+from pyro_am.distributions.von_mises_fisher import VonMisesFisher
 
-__all__ = ["GaussianKDE", "GaussianMixture", "BetaStickBreaking", "StickBreakingWeights"]
+__all__ = [
+    "GaussianKDE",
+    "GaussianMixture",
+    "BetaStickBreaking",
+    "StickBreakingWeights",
+    "VonMisesFisher",
+]
