@@ -7,6 +7,7 @@ built on them, and memory models fitted by variational inference.
 
 from pyro_am.dynamics import RetrievalResult, retrieve
 from pyro_am.energies import DenseAMEnergy, Energy, GaussianKDEEnergy, GaussianMixtureEnergy
+from pyro_am.primitives import energy_factor, memory
 
 __version__ = "0.1.0"
 
@@ -17,5 +18,7 @@ __all__ = [
     "GaussianMixtureEnergy",
     "RetrievalResult",
     "__version__",
+    "energy_factor",
+    "memory",
     "retrieve",
 ]
