@@ -387,6 +387,19 @@ class GaussianMixtureEnergy(Energy):
         keys = torch.cat([means * precisions, -0.5 * precisions], dim=-1)
         return features, keys, bias
 
+    def component_log_likelihoods(self, x: torch.Tensor) -> torch.Tensor:
+        """Compute ``log pi_k + log N(x; mu_k, diag(s_k^2))`` for every component, shape (..., K).
+
+        The log-sum-exp of the result over K is ``-E(x)``, and its softmax is
+        :meth:`responsibilities`. All K values come from one GEMM of the energy's features.
+
+        NOTE: the result is (batch x K), so this materializes what the streamed methods avoid.
+        """
+        flat, batch_shape = self._flatten(x)
+        features, keys, bias = self._logit_parts(flat)
+        log_joint = torch.addmm(bias, features, keys.T) - self._query_term(flat).unsqueeze(-1)
+        return log_joint.reshape(*batch_shape, self.num_memories)
+
     def _query_term(self, x):
         if self.scales.dim() == 0:
             return 0.5 * x.square().sum(-1) / self.scales.square()

@@ -244,6 +244,23 @@ def test_responsibilities_match_softmax(device, name):
     torch.testing.assert_close(responsibilities, torch.softmax(logits, -1), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("scale_shape", ["scalar", "component", "diagonal"])
+def test_mixture_component_log_likelihoods(device, scale_shape):
+    # Reference: the Gaussian log density written out per component (float64 rounding).
+    means = _randn(6, DIM, seed=34, device=device)
+    scales, logits = _mixture_parameters(scale_shape, device, num_components=6)
+    energy = GaussianMixtureEnergy(means, scales, logits=logits)
+    x = _randn(3, 4, DIM, seed=35, device=device)
+    expected = mixture_log_joint_reference(means, scales, torch.log_softmax(logits, -1), x)
+
+    log_joint = energy.component_log_likelihoods(x)
+    assert log_joint.shape == (3, 4, 6)
+    torch.testing.assert_close(log_joint, expected, rtol=0, atol=FLOAT64_ATOL)
+    torch.testing.assert_close(
+        torch.logsumexp(log_joint, -1), -energy.energy(x), rtol=0, atol=FLOAT64_ATOL
+    )
+
+
 # -- normalized densities ---------------------------------------------------------------------
 @pytest.mark.parametrize("parameterization", ["weights", "logits", "uniform"])
 @pytest.mark.parametrize("scale_shape", ["scalar", "component", "diagonal"])
