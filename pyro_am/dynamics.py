@@ -151,7 +151,7 @@ def retrieve(
 
     dim = energy.dim
     if trajectory is not None:
-        trajectory = torch.stack(trajectory).reshape(-1, *batch_shape, dim)
+        trajectory = torch.stack(trajectory).reshape(len(trajectory), *batch_shape, dim)
     logger.debug(
         "retrieve(%s): %d of %d queries converged, at most %d steps",
         method,

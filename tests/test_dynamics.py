@@ -303,6 +303,18 @@ def test_result_shapes(device, method, batch_shape):
         assert not bool(result.converged.any())
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_empty_batch(device, method):
+    energy = GaussianKDEEnergy(_randn(5, 2, seed=67, device=device), 0.5)
+    x0 = torch.zeros(0, 3, 2, dtype=torch.float64, device=device)
+    result = retrieve(energy, x0, method, max_steps=3, return_trajectory=True)
+    assert result.states.shape == (0, 3, 2)
+    assert result.energies.shape == (0, 3)
+    assert result.steps.shape == (0, 3)
+    expected_length = 4 if method == "langevin" else 1
+    assert result.trajectory.shape == (expected_length, 0, 3, 2)
+
+
 def test_gradient_on_energy_without_fixed_point(device):
     # The gradient comes from autograd. A step of 0.5 halves the distance to c, so the run stops
     # once a step moves less than tol = 1e-13, at a distance below 1e-13 from c.
