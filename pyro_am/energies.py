@@ -45,9 +45,11 @@ from pyro_am.streaming import SoftmaxStatistics, softmax_statistics
 class Energy:
     """Base class of energies ``E(x)`` over queries of shape (..., D).
 
-    Subclasses implement :meth:`_statistics`, which returns the streamed softmax statistics over
-    the memories for flattened queries, and the closed forms built on it. The base class handles
-    flattening, shape checks and the batch shape of the result.
+    Subclasses implement ``_energy`` on flattened queries of shape (B, D). Energies whose logits
+    over the memories are affine in a feature map also implement ``_logit_parts``, so that the
+    inherited ``_statistics`` streams them, and add the closed forms ``_grad``, ``_fixed_point``
+    and ``_log_prob`` where they exist. Without ``_grad`` the gradient comes from autograd. The
+    base class handles flattening, shape checks and the batch shape of the result.
 
     :ivar bool has_fixed_point: whether :meth:`fixed_point` is implemented in closed form.
     :ivar bool has_log_prob: whether :meth:`log_prob` is normalized exactly.

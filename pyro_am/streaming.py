@@ -104,7 +104,7 @@ def _check_operands(features, keys, bias, values) -> None:
             f"{tuple(features.shape)} and {tuple(keys.shape)}."
         )
     if keys.shape[0] < 1:
-        raise ValueError("keys must hold at least one memory, but has shape (0, F).")
+        raise ValueError(f"keys must hold at least one memory, but has shape {tuple(keys.shape)}.")
     if bias.shape != keys.shape[:1]:
         raise ValueError(
             f"bias must have shape ({keys.shape[0]},) to match keys, but has shape "
