@@ -117,11 +117,13 @@ def test_energy_factor_in_guide_gradient(device):
     """A guide N(z; loc, 1) exp(-E(z)) has log q = log N(z; loc, 1) - E(z); check its gradient."""
     energy = _kde_energy(device)
 
+    zeros = torch.zeros(DIM, dtype=torch.float64, device=device)
+
     def model():
-        pyro.sample("z", dist.Normal(torch.zeros(DIM, dtype=torch.float64), 2.0).to_event(1))
+        pyro.sample("z", dist.Normal(zeros, 2.0).to_event(1))
 
     def guide():
-        loc = pyro.param("loc", torch.full((DIM,), 0.3, dtype=torch.float64))
+        loc = pyro.param("loc", torch.full_like(zeros, 0.3))
         z = pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
         energy_factor("guide_energy", energy, z)
 
@@ -135,7 +137,7 @@ def test_energy_factor_in_guide_gradient(device):
     loc = pyro.param("loc").unconstrained()
     noise = (z - loc).detach()
     z = loc + noise
-    log_p = dist.Normal(torch.zeros(DIM, dtype=torch.float64), 2.0).log_prob(z).sum()
+    log_p = dist.Normal(zeros, 2.0).log_prob(z).sum()
     log_q = dist.Normal(loc, 1.0).log_prob(z).sum() - energy(z)
     (expected,) = torch.autograd.grad(-(log_p - log_q), [loc])
 
@@ -146,11 +148,13 @@ def test_energy_factor_in_guide_gradient(device):
 def test_energy_factor_in_guide_runs_svi(device):
     energy = _kde_energy(device)
 
+    zeros = torch.zeros(DIM, dtype=torch.float64, device=device)
+
     def model():
-        pyro.sample("z", dist.Normal(torch.zeros(DIM, dtype=torch.float64), 2.0).to_event(1))
+        pyro.sample("z", dist.Normal(zeros, 2.0).to_event(1))
 
     def guide():
-        loc = pyro.param("loc", torch.zeros(DIM, dtype=torch.float64))
+        loc = pyro.param("loc", zeros.clone())
         z = pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
         energy_factor("guide_energy", energy, z)
 
@@ -280,7 +284,7 @@ def _conjugate_model(observations, prior_scale, noise_scale):
     num_observations = observations.shape[0]
 
     def model():
-        prior = dist.Normal(torch.tensor(0.0, dtype=torch.float64), prior_scale)
+        prior = dist.Normal(observations.new_zeros(()), prior_scale)
         memories_plate = pyro.plate("memories_plate", NUM_MEMORIES, dim=-1)
         memories = memory("memories", NUM_MEMORIES, DIM, prior=prior, plate=memories_plate)
         with memories_plate:
@@ -297,7 +301,7 @@ def _conjugate_model(observations, prior_scale, noise_scale):
 @pytest.mark.parametrize("guide_class", [AutoNormal, AutoDelta])
 def test_memory_under_autoguide_svi(device, guide_class):
     observations = 1.0 + _float64(5, NUM_MEMORIES, DIM, device=device)
-    model, posterior_mean, posterior_scale = _conjugate_model(observations.cpu(), 2.0, 1.0)
+    model, posterior_mean, posterior_scale = _conjugate_model(observations, 2.0, 1.0)
     guide = guide_class(model)
     elbo = Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=2)
 
