@@ -40,11 +40,14 @@ def energy_factor(
 
     The factor has shape ``x.shape[:-1]``, the batch shape of ``x``, so inside a
     :class:`pyro.plate` each datum contributes its own term and subsampling scales it like any
-    other site. This is :func:`pyro.factor` with the log factor computed from an energy::
+    other site. Each batch dimension needs a plate, because Pyro's ELBOs reject a site whose
+    batch shape no plate accounts for. This is :func:`pyro.factor` with the log factor computed
+    from an energy::
 
         energy = GaussianKDEEnergy(data, bandwidth)
         memories = memory("memories", 16, 2)
-        energy_factor("fit", energy, memories)
+        with pyro.plate("memories_plate", 16):
+            energy_factor("fit", energy, memories)
 
     In a guide, Pyro needs to know whether ``x`` is reparameterized. By default ``has_rsample`` is
     ``x.requires_grad``: a tensor drawn by ``rsample`` or computed from parameters gives True, and a
