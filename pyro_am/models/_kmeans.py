@@ -1,0 +1,71 @@
+"""k-means++ seeding and Lloyd's iterations in torch, used to initialize the clustering models.
+
+k-means++ (Arthur and Vassilvitskii, "k-means++: the advantages of careful seeding", SODA 2007)
+draws the first centre uniformly and each further centre with probability proportional to the
+squared distance to the nearest centre chosen so far. The greedy variant used here draws
+``2 + floor(log K)`` candidates per centre and keeps the one that lowers the total squared distance
+most, which reduces the spread between seeds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def squared_distances(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Compute ``|x_n - c_k|^2`` in GEMM form, shape (N, K), clamped at zero."""
+    distances = x.square().sum(-1, keepdim=True) - 2.0 * x @ centres.T
+    distances = distances + centres.square().sum(-1)
+    return distances.clamp_min(0.0)
+
+
+def kmeans_plus_plus(
+    x: torch.Tensor, num_centres: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Choose ``num_centres`` rows of ``x`` (N, D) by greedy k-means++; returns (K, D)."""
+    num_points = x.shape[0]
+    num_trials = 2 + int(math.log(num_centres))
+    device = x.device
+    first = torch.randint(num_points, (1,), generator=generator, device=device)
+    centres = [x[first]]
+    closest = squared_distances(x, centres[0]).squeeze(-1)
+    for _ in range(1, num_centres):
+        total = closest.sum()
+        if float(total) <= 0:
+            # Every point already coincides with a centre: the rest are drawn uniformly.
+            weights = torch.ones_like(closest)
+        else:
+            weights = closest / total
+        candidates = torch.multinomial(weights, num_trials, replacement=True, generator=generator)
+        candidate_closest = torch.minimum(closest, squared_distances(x, x[candidates]).T)
+        best = candidate_closest.sum(-1).argmin()
+        centres.append(x[candidates[best]].unsqueeze(0))
+        closest = candidate_closest[best]
+    return torch.cat(centres, dim=0)
+
+
+def lloyd(
+    x: torch.Tensor, centres: torch.Tensor, max_iter: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run Lloyd's k-means iterations until the labels stop changing.
+
+    A centre that loses all its points keeps its position.
+
+    :returns: ``(centres, labels)`` of shapes (K, D) and (N,).
+    """
+    num_centres = centres.shape[0]
+    labels = squared_distances(x, centres).argmin(-1)
+    for _ in range(max_iter):
+        one_hot = torch.nn.functional.one_hot(labels, num_centres).to(x.dtype)
+        counts = one_hot.sum(0)
+        sums = one_hot.T @ x
+        centres = torch.where(
+            counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), centres
+        )
+        updated = squared_distances(x, centres).argmin(-1)
+        if bool((updated == labels).all()):
+            break
+        labels = updated
+    return centres, labels
