@@ -122,7 +122,7 @@ class GaussianKDE(TorchDistribution):
 
     @property
     def variance(self) -> torch.Tensor:
-        spread = self.memories.var(-2, unbiased=False)
+        spread = self.memories.var(-2, correction=0)
         return spread + self.bandwidth.square().unsqueeze(-1)
 
     @property
