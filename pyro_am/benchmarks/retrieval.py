@@ -511,9 +511,17 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--dim", type=int, default=256, help="dimension D (default: 256)")
     parser.add_argument("--steps", type=int, default=10, help="fixed-point steps (default: 10)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is used")
     parser.add_argument(
-        "--memory-batch", type=int, default=1024, help="queries for the peak-memory run"
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed repeats, of which the median is used (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--memory-batch",
+        type=int,
+        default=1024,
+        help="queries for the peak-memory run (default: %(default)s)",
     )
     parser.add_argument(
         "--memory-num-memories",
@@ -521,7 +529,12 @@ def register(subparsers) -> None:
         default=1_000_000,
         help="memories for the peak-memory run (default: 1000000)",
     )
-    parser.add_argument("--memory-dim", type=int, default=64, help="dimension for the memory run")
+    parser.add_argument(
+        "--memory-dim",
+        type=int,
+        default=64,
+        help="dimension for the peak-memory run (default: %(default)s)",
+    )
     parser.add_argument(
         "--memory-steps",
         type=int,

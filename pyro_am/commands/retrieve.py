@@ -500,7 +500,8 @@ def register(subparsers) -> None:
         nargs="*",
         default=list(DEFAULT_MASK_FRACTIONS),
         metavar="F",
-        help="fractions of pixels to hide, each in [0, 1) (default: %(default)s)",
+        help="fractions of pixels (coordinates) to hide, each in [0, 1); give none to skip "
+        "masking (default: %(default)s)",
     )
     parser.add_argument(
         "--noise-std",
@@ -508,8 +509,8 @@ def register(subparsers) -> None:
         nargs="*",
         default=list(DEFAULT_NOISE_STDS),
         metavar="S",
-        help="standard deviations of added Gaussian noise, in scaled data units "
-        "(default: %(default)s)",
+        help="standard deviations of added Gaussian noise, in scaled data units"
+        "; give none to skip noise (default: %(default)s)",
     )
 
     parser.add_argument(
@@ -518,16 +519,32 @@ def register(subparsers) -> None:
         default=200,
         help="held-out queries, and stored patterns probed for exact recall (default: 200)",
     )
-    parser.add_argument("--max-steps", type=int, default=100, help="retrieval steps per query")
     parser.add_argument(
-        "--tol", type=float, default=1e-4, help="stop a query once its largest change is below this"
+        "--max-steps",
+        type=int,
+        default=100,
+        help="maximum retrieval steps per query (default: %(default)s)",
     )
     parser.add_argument(
-        "--temperature", type=float, default=1.0, help="Langevin temperature (--method langevin)"
+        "--tol",
+        type=float,
+        default=1e-4,
+        help="stop a query once its largest coordinate change is below this (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="Langevin temperature, used by --method langevin (default: %(default)s)",
     )
 
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split, masks and noise")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the split, masks and noise (default: %(default)s)",
+    )
     parser.add_argument(
         "--out",
         default=os.path.join(".", "pyro-am-out", "retrieve"),
