@@ -141,8 +141,10 @@ def run_throughput(batch, num_memories, dim, steps, repeats, device, dtype=torch
     def hand_written():
         outcome["reference"] = hand_written_retrieval(memories, queries, bandwidth, steps)
 
-    streamed_seconds = statistics.median(time_call(streamed, device, repeats))
-    hand_written_seconds = statistics.median(time_call(hand_written, device, repeats))
+    streamed_times = time_call(streamed, device, repeats)
+    hand_written_times = time_call(hand_written, device, repeats)
+    streamed_seconds = statistics.median(streamed_times)
+    hand_written_seconds = statistics.median(hand_written_times)
     result = outcome["result"]
     total_steps = int(result.steps.sum())
     flops = 4 * num_memories * dim * total_steps + 2 * batch * num_memories * dim
@@ -165,8 +167,10 @@ def run_throughput(batch, num_memories, dim, steps, repeats, device, dtype=torch
         "steps_run": total_steps / batch,
         "flops": flops,
         "streamed_seconds": streamed_seconds,
+        "streamed_times": streamed_times,
         "streamed_flops_per_second": achieved,
         "hand_written_seconds": hand_written_seconds,
+        "hand_written_times": hand_written_times,
         "hand_written_flops_per_second": 4
         * batch
         * num_memories

@@ -70,6 +70,8 @@ def test_bench_retrieval_tiny_writes_report(tmp_path, capsys, device):
         "flops",
     ):
         assert _positive_finite(throughput[key]), (key, throughput[key])
+    assert len(throughput["streamed_times"]) == 1
+    assert len(throughput["hand_written_times"]) == 1
     # tol = 0 and a softmax spread over many memories: every query runs every step.
     assert throughput["steps_run"] == 3
     assert throughput["flops"] == 4 * 512 * 16 * 3 * 32 + 2 * 32 * 512 * 16
