@@ -221,7 +221,7 @@ def test_per_query_convergence_and_steps(device, method):
     energy = GaussianKDEEnergy(memories, 0.3)
     x0 = torch.stack(
         [
-            memories[0],  # already a fixed point up to 1e-12, so it stops after one step
+            memories[0],  # moves by 2 exp(-2 / h^2) = 4e-10 < tol, so it stops after one step
             memories[3] + 0.05,  # converges in a few steps
             torch.tensor(
                 [0.05, 0.02, 0.01], dtype=torch.float64, device=device
