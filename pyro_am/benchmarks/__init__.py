@@ -4,4 +4,8 @@ Benchmarks measure wall time and memory against peer implementations in one proc
 and write JSON. Their results are recorded in docs/benchmarks.md; tests never assert timings.
 """
 
-BENCHMARK_MODULES = ("pyro_am.benchmarks.retrieval",)
+BENCHMARK_MODULES = (
+    "pyro_am.benchmarks.retrieval",
+    "pyro_am.benchmarks.clustering",
+    "pyro_am.benchmarks.dp",
+)
