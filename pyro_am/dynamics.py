@@ -123,6 +123,11 @@ def retrieve(
 
     x, batch_shape = energy._flatten(x0, "x0")
     check_finite("x0", x)
+    if generator is not None and generator.device.type != x.device.type:
+        raise ValueError(
+            f"generator is on device {generator.device} but the queries are on {x.device}; "
+            f"create it with torch.Generator(device={str(x.device)!r})."
+        )
     x = x.detach().clone()
     flat_mask = _check_mask(mask, (*batch_shape, energy.dim), x.device)
     if flat_mask is not None:

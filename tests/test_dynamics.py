@@ -6,6 +6,7 @@ on a Gaussian energy.
 """
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -304,6 +305,18 @@ def test_result_shapes(device, method, batch_shape):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_parameters_requiring_grad_build_no_graph(device, method):
+    # retrieve() runs without autograd, so a differentiable bandwidth leaves the results detached,
+    # as Langevin negatives for contrastive training need.
+    bandwidth = torch.tensor(0.5, dtype=torch.float64, device=device, requires_grad=True)
+    energy = GaussianKDEEnergy(_randn(5, 2, seed=69, device=device), bandwidth)
+    result = retrieve(energy, _randn(4, 2, seed=70, device=device), method, max_steps=3)
+    assert not result.states.requires_grad
+    assert not result.energies.requires_grad
+    assert energy.energy(result.states).requires_grad
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_empty_batch(device, method):
     energy = GaussianKDEEnergy(_randn(5, 2, seed=67, device=device), 0.5)
     x0 = torch.zeros(0, 3, 2, dtype=torch.float64, device=device)
@@ -441,6 +454,18 @@ def test_bad_queries_raise(device):
         retrieve(energy, with_nan)
     with pytest.raises(TypeError, match="energy must be a pyro_am Energy"):
         retrieve(lambda x: x.square().sum(-1), with_nan)
+
+
+def test_generator_on_other_device_raises(device):
+    energy = GaussianKDEEnergy(_randn(5, 3, seed=68, device=device), 0.5)
+    if device.type == "cpu":
+        # A CPU-only build cannot create a CUDA generator, and retrieve() reads only .device.
+        generator = SimpleNamespace(device=torch.device("cuda"))
+    else:
+        generator = torch.Generator(device="cpu")
+    x0 = torch.zeros(3, dtype=torch.float64, device=device)
+    with pytest.raises(ValueError, match="generator is on device"):
+        retrieve(energy, x0, "langevin", generator=generator)
 
 
 def test_fixed_point_without_map_raises(device):
