@@ -1,0 +1,750 @@
+"""DP memory: a Gaussian mixture memory with a truncated Dirichlet or Pitman-Yor process prior.
+
+The generative model, with truncation K, concentration alpha and discount ``0 <= d < 1``::
+
+    v_k ~ Beta(1 - d, alpha + k d),   k = 1 .. K-1,      w = stick_breaking(v)
+    mu_k ~ N(m0, s0^2 I),   z_n ~ Categorical(w),   x_n ~ N(mu_{z_n}, s^2 I)  (or diag(s_d^2))
+
+The variational family is ``q(v_k) = Beta(a_k, b_k)`` (sampled as the ``"weights"`` site through
+:class:`~pyro_am.distributions.BetaStickBreaking`), ``q(mu_k) = N(m_k, diag(t_k^2))``, and the noise
+scale ``s`` is a point estimate when it is learned. :meth:`DPMemory.fit` runs closed-form coordinate
+ascent (``method="cavi"``, see :mod:`pyro_am.models._dp_cavi`) or Pyro SVI (``method="svi"``) on the
+same parameters.
+
+Memory creation follows the Chinese restaurant process: given counts n_k, a datum joins memory k
+with weight ``(n_k - d) N(x; m_k, s^2 I)`` or opens a new memory with weight
+``(alpha + d K) N(x; m0, (s^2 + s0^2) I)``, which defines the energy::
+
+    E_crp(x) = -log[(alpha + d K) N(x; m0, (s^2 + s0^2) I) + sum_k (n_k - d) N(x; m_k, s^2 I)]
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+from pyro.nn import PyroModule, PyroParam, pyro_method
+
+from pyro_am._validation import (
+    as_float_tensor,
+    check_finite,
+    check_int,
+    check_interval,
+    check_positive,
+)
+from pyro_am.distributions.mixture import GaussianMixture
+from pyro_am.distributions.stick_breaking import BetaStickBreaking, StickBreakingWeights
+from pyro_am.dynamics import retrieve
+from pyro_am.energies import GaussianMixtureEnergy
+from pyro_am.models import _dp_cavi as cavi
+from pyro_am.models._dp_fit import fit_cavi, fit_svi, load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+COVARIANCES = ("isotropic", "diagonal")
+ASSIGNMENTS = ("marginalized", "enumerated")
+METHODS = ("cavi", "svi")
+_instance_ids = itertools.count()
+# Lloyd's iterations of the k-means initialization. The labelling only seeds coordinate ascent,
+# which refines it, so it need not converge.
+_LLOYD_ITERATIONS = 20
+
+
+@dataclass
+class DPFitResult:
+    """Record of one :meth:`DPMemory.fit` run.
+
+    :ivar list elbo: the ELBO after every iteration. For CAVI it is the exact mean-field ELBO of the
+        parameters after that iteration; for SVI it is the negative of the step's loss estimate.
+    :ivar int iterations: the total number of iterations, including those before a resume.
+    :ivar bool converged: whether the relative ELBO change fell below ``tol``.
+    :ivar int num_created: memories created by growing the truncation.
+    :ivar int num_pruned: memories removed because their expected weight fell below the threshold.
+    :ivar int num_merged: memories removed by an accepted merge into another memory.
+    :ivar list events: one dict per structural change, with keys ``"iteration"``, ``"kind"``
+        (``"created"``, ``"pruned"`` or ``"merged"``), ``"memory"`` (its index at that time) and
+        ``"weight"`` (its expected weight; for a merge, that of the memory it merged ``"into"``).
+    :ivar str method: ``"cavi"`` or ``"svi"``.
+    :ivar float wall_time: seconds spent in this call.
+    """
+
+    elbo: list = field(default_factory=list)
+    iterations: int = 0
+    converged: bool = False
+    num_created: int = 0
+    num_pruned: int = 0
+    num_merged: int = 0
+    events: list = field(default_factory=list)
+    method: str = "cavi"
+    wall_time: float = 0.0
+
+
+class CRPEnergy(GaussianMixtureEnergy):
+    """The Chinese-restaurant energy of a DP memory, with an attractor for a new memory.
+
+    ``E_crp(x) = -log[(alpha + d K) N(x; m0, (s^2 + s0^2) I) + sum_k (n_k - d) N(x; m_k, s^2 I)]``.
+    The weights are unnormalized counts. :meth:`log_prob` is the normalized CRP predictive density
+    ``-E_crp(x) - log(n + alpha)``, where ``n = sum_k n_k``. The new-memory component is the last
+    of the K + 1 memories.
+
+    :param torch.Tensor means: memory means of shape (K, D).
+    :param torch.Tensor counts: memory counts n_k of shape (K,).
+    :param torch.Tensor noise_variance: ``s^2`` of shape () or (D,).
+    :param float concentration: alpha.
+    :param float discount: d.
+    :param torch.Tensor prior_mean: m0 of shape (D,).
+    :param torch.Tensor prior_variance: s0^2 of shape (D,).
+    """
+
+    def __init__(
+        self, means, counts, noise_variance, concentration, discount, prior_mean, prior_variance
+    ):
+        num_memories, dim = means.shape
+        noise = cavi.full_precision(noise_variance, dim).reciprocal()
+        variances = torch.cat([noise.expand(num_memories, dim), (noise + prior_variance)[None]])
+        tiny = torch.finfo(means.dtype).tiny
+        join = (counts - discount).clamp_min(tiny)
+        create = torch.as_tensor(concentration + discount * num_memories, dtype=means.dtype)
+        unnormalized = torch.cat([join, create.reshape(1).to(means.device)])
+        self.total_weight = unnormalized.sum()
+        super().__init__(
+            torch.cat([means, prior_mean[None]]), variances.sqrt(), logits=unnormalized.log()
+        )
+
+    def _energy(self, x):
+        return super()._energy(x) - self.total_weight.log()
+
+    def _log_prob(self, x):
+        return -super()._energy(x)
+
+
+class DPMemory(PyroModule):
+    """Gaussian mixture memory with a truncated stick-breaking (DP or Pitman-Yor) prior.
+
+    The memories are the posterior means of the mixture components; the number in use is learned,
+    because memories whose expected weight falls below ``prune_threshold`` are removed and the
+    truncation grows while the last memory holds more than ``grow_threshold`` of the weight.
+    :meth:`model` and :meth:`guide` are Pyro callables for SVI, :class:`pyro.infer.Predictive` and
+    autoguides (the assignment is marginalized, so every latent site is continuous)::
+
+        memory = DPMemory(dim=2, truncation=20)
+        result = memory.fit(data, method="cavi")
+        memory.num_memories, memory.memories, memory.weights
+        memory.retrieve(noisy_queries).states
+
+    Each instance registers its parameters under its own name (``memory.name``), so two instances
+    in one process never share entries of Pyro's parameter store.
+
+    :param int dim: dimension D of the data.
+    :param int truncation: initial number of memories K >= 1.
+    :param float concentration: alpha > 0.
+    :param float discount: Pitman-Yor discount d in [0, 1); 0 is the Dirichlet process.
+    :param prior_mean: m0, a float or a tensor of shape (D,).
+    :param prior_scale: s0 > 0, a float or a tensor of shape (D,).
+    :param scale: noise standard deviation s. None learns it as a point estimate; a float or a
+        tensor of shape (D,) (diagonal covariance) fixes it.
+    :param str covariance: ``"isotropic"`` (one s) or ``"diagonal"`` (one s_d per coordinate).
+    :param str assignment: ``"marginalized"`` sums z out in the likelihood; ``"enumerated"`` samples
+        z with parallel enumeration, for :class:`~pyro.infer.TraceEnum_ELBO`.
+    :param float grow_threshold: grow the truncation while the last expected weight exceeds this.
+    :param float prune_threshold: remove memories whose expected weight falls below this.
+    :param int max_truncation: the largest truncation that growth may reach.
+    :param str name: prefix of the parameter names; a unique one is chosen when None.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        truncation: int = 20,
+        concentration: float = 1.0,
+        discount: float = 0.0,
+        prior_mean=0.0,
+        prior_scale=1.0,
+        scale=None,
+        covariance: str = "isotropic",
+        assignment: str = "marginalized",
+        grow_threshold: float = 1e-2,
+        prune_threshold: float = 1e-3,
+        max_truncation: int = 200,
+        name: str | None = None,
+    ):
+        super().__init__(name=name if name is not None else f"dp_memory_{next(_instance_ids)}")
+        self.dim = check_int("dim", dim, minimum=1)
+        truncation = check_int("truncation", truncation, minimum=1)
+        self.max_truncation = check_int("max_truncation", max_truncation, minimum=truncation)
+        self.concentration = float(check_positive("concentration", concentration))
+        self.discount = float(check_interval("discount", discount, 0.0, 1.0))
+        self.grow_threshold = float(check_interval("grow_threshold", grow_threshold, 0.0, 1.0))
+        self.prune_threshold = float(check_interval("prune_threshold", prune_threshold, 0.0, 1.0))
+        if covariance not in COVARIANCES:
+            raise ValueError(f"covariance must be one of {COVARIANCES}, but got {covariance!r}.")
+        if assignment not in ASSIGNMENTS:
+            raise ValueError(f"assignment must be one of {ASSIGNMENTS}, but got {assignment!r}.")
+        self.covariance = covariance
+        self.assignment = assignment
+
+        self.register_buffer("prior_mean", self._vector("prior_mean", prior_mean))
+        prior_scale = self._vector("prior_scale", prior_scale)
+        if not bool((prior_scale > 0).all()):
+            raise ValueError(f"prior_scale must be positive, but got {prior_scale.tolist()}.")
+        self.register_buffer("prior_scale", prior_scale)
+        self.learn_scale = scale is None
+        if scale is not None:
+            self.register_buffer("fixed_scale", self._fixed_scale(scale))
+        self.register_buffer("memory_counts", torch.zeros(truncation, dtype=torch.float64))
+        self._write_posterior(self._prior_draw(truncation, torch.get_default_dtype()))
+
+    # -- construction helpers --------------------------------------------------------------------
+    def _vector(self, name, value) -> torch.Tensor:
+        tensor = as_float_tensor(name, value).to(torch.float64)
+        if tensor.numel() == 1:
+            tensor = tensor.reshape(1).expand(self.dim).clone()
+        if tensor.shape != (self.dim,):
+            raise ValueError(
+                f"{name} must be a float or have shape ({self.dim},), "
+                f"but has shape {tuple(tensor.shape)}."
+            )
+        return check_finite(name, tensor)
+
+    def _fixed_scale(self, scale) -> torch.Tensor:
+        fixed = as_float_tensor("scale", scale).to(torch.float64)
+        check_finite("scale", fixed)
+        if not bool((fixed > 0).all()):
+            raise ValueError(f"scale must be positive, but got {fixed.tolist()}.")
+        if fixed.numel() == 1:
+            fixed = fixed.reshape(())
+            return fixed if self.covariance == "isotropic" else fixed.expand(self.dim).clone()
+        if self.covariance == "isotropic" or fixed.shape != (self.dim,):
+            raise ValueError(
+                f"scale must be a float (isotropic) or a tensor of shape ({self.dim},) (diagonal), "
+                f"but has shape {tuple(fixed.shape)} with covariance={self.covariance!r}."
+            )
+        return fixed
+
+    def _prior_draw(self, truncation, dtype) -> cavi.Posterior:
+        """Return a posterior whose memories are draws from the prior, before any data is seen."""
+        prior = self._prior(torch.empty(0, dtype=dtype, device=self.prior_mean.device))
+        counts = torch.zeros(truncation, dtype=dtype, device=prior.prior_mean.device)
+        concentration1, concentration0 = cavi.update_sticks(counts, prior)
+        std = prior.prior_variance.sqrt()
+        loc = prior.prior_mean + std * torch.randn(
+            truncation, self.dim, dtype=dtype, device=std.device
+        )
+        variance = self._initial_variance(prior)
+        return cavi.Posterior(
+            concentration1, concentration0, loc, std.expand(truncation, -1).clone(), variance
+        )
+
+    def _initial_variance(self, prior: cavi.Prior) -> torch.Tensor:
+        like = prior.prior_mean
+        if not self.learn_scale:
+            return self.fixed_scale.to(like).square()
+        if self.covariance == "isotropic":
+            return torch.ones((), dtype=like.dtype, device=like.device)
+        return torch.ones(self.dim, dtype=like.dtype, device=like.device)
+
+    def _prior(self, like: torch.Tensor) -> cavi.Prior:
+        return cavi.Prior(
+            concentration=self.concentration,
+            discount=self.discount,
+            prior_mean=self.prior_mean.to(like),
+            prior_variance=self.prior_scale.to(like).square(),
+            learn_variance=self.learn_scale,
+            isotropic=self.covariance == "isotropic",
+        )
+
+    # -- parameters ------------------------------------------------------------------------------
+    def _replace_param(self, name: str, value: torch.Tensor, constraint) -> None:
+        fullname = f"{self._pyro_name}.{name}" if self._pyro_name else name
+        store = pyro.get_param_store()
+        if fullname in store:
+            del store[fullname]
+        setattr(self, name, PyroParam(value.detach().clone(), constraint))
+
+    def _write_posterior(self, posterior: cavi.Posterior) -> None:
+        """Write ``posterior`` into the parameters that the guide (and model) read."""
+        self._replace_param(
+            "stick_concentration1", posterior.stick_concentration1, constraints.positive
+        )
+        self._replace_param(
+            "stick_concentration0", posterior.stick_concentration0, constraints.positive
+        )
+        self._replace_param("memory_loc", posterior.memory_loc, constraints.real)
+        self._replace_param("memory_scale", posterior.memory_scale, constraints.positive)
+        if self.learn_scale:
+            self._replace_param("noise_scale", posterior.variance.sqrt(), constraints.positive)
+
+    def _posterior(self) -> cavi.Posterior:
+        """Read the current variational parameters as detached tensors."""
+        with torch.no_grad():
+            return cavi.Posterior(
+                self.stick_concentration1.detach().clone(),
+                self.stick_concentration0.detach().clone(),
+                self.memory_loc.detach().clone(),
+                self.memory_scale.detach().clone(),
+                self._noise_scale().detach().square(),
+            )
+
+    def _noise_scale(self) -> torch.Tensor:
+        """The noise standard deviation s, of shape () (isotropic) or (D,), differentiable."""
+        if self.learn_scale:
+            return self.noise_scale
+        return self.fixed_scale.to(self.memory_loc.detach())
+
+    def variational_parameters(self) -> dict[str, torch.Tensor]:
+        """Return the tensors the guide reads (and the learned noise scale), detached."""
+        posterior = self._posterior()
+        parameters = {
+            "stick_concentration1": posterior.stick_concentration1,
+            "stick_concentration0": posterior.stick_concentration0,
+            "memory_loc": posterior.memory_loc,
+            "memory_scale": posterior.memory_scale,
+        }
+        if self.learn_scale:
+            parameters["noise_scale"] = posterior.variance.sqrt()
+        return parameters
+
+    @property
+    def truncation(self) -> int:
+        return self.memory_loc.shape[0]
+
+    @property
+    def num_memories(self) -> int:
+        return self.truncation
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.memory_loc.dtype
+
+    @property
+    def memories(self) -> torch.Tensor:
+        """Posterior means of the memories, shape (K, D)."""
+        return self._posterior().memory_loc
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """Expected stick-breaking weights ``E_q[w_k]``, shape (K,)."""
+        return self._posterior().sticks().mean
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The current noise standard deviation s, shape () or (D,)."""
+        return self._posterior().variance.sqrt()
+
+    # -- data checks -----------------------------------------------------------------------------
+    def _check_data(self, name: str, data, like: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(data, np.ndarray):
+            data = torch.as_tensor(data, dtype=torch.float64)
+        data = as_float_tensor(name, data)
+        if data.dim() != 2 or data.shape[-1] != self.dim:
+            raise ValueError(
+                f"{name} must have shape (num_data, {self.dim}), but has shape {tuple(data.shape)}."
+            )
+        if data.shape[0] < 1:
+            raise ValueError(f"{name} must contain at least one datum, but is empty.")
+        check_finite(name, data)
+        if like is not None:
+            data = data.to(like)
+        return data
+
+    def _check_query(self, x) -> torch.Tensor:
+        like = self.memory_loc.detach()
+        x = as_float_tensor("x", x, like=like) if not isinstance(x, torch.Tensor) else x
+        if x.dim() < 1 or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"x must have shape (..., {self.dim}), but has shape {tuple(x.shape)}."
+            )
+        return check_finite("x", x.to(like))
+
+    def _match_dtype(self, data: torch.Tensor) -> None:
+        """Convert the variational parameters to ``data``'s dtype and device if they differ."""
+        like = self.memory_loc.detach()
+        if data.dtype != like.dtype or data.device != like.device:
+            posterior = self._posterior()
+            self._write_posterior(cavi.Posterior(*(t.to(data) for t in vars(posterior).values())))
+
+    # -- Pyro model and guide --------------------------------------------------------------------
+    @pyro_method
+    def model(self, data=None, subsample_size=None, num_data=None):
+        """Pyro model: the stick-breaking prior, the memories, and the observed data.
+
+        :param torch.Tensor data: observations of shape (N, D); None samples them.
+        :param int subsample_size: the minibatch size of the ``"data"`` plate.
+        :param int num_data: N when ``data`` is None.
+        """
+        loc = self.memory_loc
+        dtype, device = loc.dtype, loc.device
+        if data is not None:
+            num_data = data.shape[0]
+            if data.dtype != dtype:
+                raise TypeError(
+                    f"data has dtype {data.dtype} but the parameters have dtype {dtype}; call "
+                    "memory.initialize(data) or memory.to(data.dtype) first."
+                )
+        elif num_data is None:
+            raise ValueError("pass data, or num_data to sample data from the model.")
+        truncation = self.truncation
+        concentration = torch.tensor(self.concentration, dtype=dtype, device=device)
+        weights = pyro.sample(
+            "weights", StickBreakingWeights(concentration, truncation, self.discount)
+        )
+        prior_mean = self.prior_mean.to(loc)
+        prior_scale = self.prior_scale.to(loc)
+        with pyro.plate("memories", truncation, dim=-1):
+            memories = pyro.sample(
+                "locs",
+                dist.Normal(prior_mean, prior_scale).expand([truncation, self.dim]).to_event(1),
+            )
+        scale = self._noise_scale()
+        with pyro.plate("data", num_data, subsample_size=subsample_size, dim=-1) as index:
+            batch = data
+            if data is not None and subsample_size is not None and subsample_size < num_data:
+                batch = data.index_select(0, index.to(data.device))
+            if self.assignment == "marginalized":
+                scales = scale if scale.dim() == 0 else scale.expand(truncation, self.dim)
+                logits = weights.clamp_min(torch.finfo(dtype).tiny).log()
+                pyro.sample("obs", GaussianMixture(memories, scales, logits=logits), obs=batch)
+            else:
+                assignment = pyro.sample(
+                    "assignment", dist.Categorical(weights), infer={"enumerate": "parallel"}
+                )
+                pyro.sample("obs", dist.Normal(memories[assignment], scale).to_event(1), obs=batch)
+
+    @pyro_method
+    def guide(self, data=None, subsample_size=None, num_data=None):
+        """Mean-field guide: Beta sticks and independent diagonal Gaussian memories."""
+        sticks = BetaStickBreaking(self.stick_concentration1, self.stick_concentration0)
+        pyro.sample("weights", sticks)
+        with pyro.plate("memories", self.truncation, dim=-1):
+            pyro.sample("locs", dist.Normal(self.memory_loc, self.memory_scale).to_event(1))
+
+    # -- fitting ---------------------------------------------------------------------------------
+    def initialize(self, data, seed: int | None = None) -> None:
+        """Initialize the parameters from k-means++ and Lloyd's iterations on ``data``.
+
+        The k-means labels are taken as one-hot responsibilities and one coordinate-ascent global
+        step turns them into sticks, memory posteriors and (when learned) the noise variance.
+        """
+        from pyro_am.models._kmeans import kmeans_plus_plus, lloyd
+
+        data = self._check_data("data", data)
+        generator = torch.Generator(device=data.device)
+        generator.manual_seed(int(torch.randint(2**62, ()).item()) if seed is None else seed)
+        truncation = min(self.truncation, data.shape[0])
+        centres = kmeans_plus_plus(data, truncation, generator=generator)
+        _, labels = lloyd(data, centres, max_iter=_LLOYD_ITERATIONS)
+        variance = self._initial_variance(self._prior(data))
+        posterior = cavi.hard_assignment_posterior(
+            data, labels, truncation, variance, self._prior(data)
+        )
+        self._write_posterior(posterior)
+        self.memory_counts = torch.bincount(labels, minlength=truncation).to(data)
+
+    def fit(
+        self,
+        data,
+        method: str = "cavi",
+        max_iter: int = 200,
+        tol: float = 1e-6,
+        lr: float = 0.05,
+        num_particles: int = 1,
+        batch_size: int | None = None,
+        progress: bool = True,
+        checkpoint: str | None = None,
+        checkpoint_every: int = 10,
+        resume: bool = False,
+        seed: int | None = None,
+        warm_start: bool = False,
+    ) -> DPFitResult:
+        """Fit the variational posterior to ``data`` by coordinate ascent or SVI.
+
+        :param data: observations of shape (N, D): a tensor (its dtype is kept) or a NumPy array
+            (converted to float64).
+        :param str method: ``"cavi"`` (closed-form coordinate ascent with memory creation and
+            pruning) or ``"svi"`` (Pyro SVI with Adam on the marginalized ELBO; the truncation
+            stays fixed).
+        :param int max_iter: the total number of iterations, counting those done before a resume.
+        :param float tol: stop when the relative ELBO change falls below ``tol`` (CAVI) or when
+            the relative change of the mean ELBO over the last 50 steps does (SVI).
+        :param float lr: Adam learning rate (SVI).
+        :param int num_particles: ELBO particles per SVI step.
+        :param int batch_size: SVI minibatch size (the ``"data"`` plate's subsample size).
+        :param bool progress: show a tqdm progress bar.
+        :param str checkpoint: path of a checkpoint written atomically every ``checkpoint_every``
+            iterations and at the end.
+        :param bool resume: continue from ``checkpoint`` when it exists.
+        :param int seed: seeds the initialization and SVI.
+        :param bool warm_start: start from the current parameters instead of k-means.
+        :returns: a :class:`DPFitResult`.
+        """
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, but got {method!r}.")
+        data = self._check_data("data", data)
+        max_iter = check_int("max_iter", max_iter, minimum=0)
+        checkpoint_every = check_int("checkpoint_every", checkpoint_every, minimum=1)
+        num_particles = check_int("num_particles", num_particles, minimum=1)
+        if batch_size is not None:
+            batch_size = check_int("batch_size", batch_size, minimum=1)
+        if not (isinstance(tol, (int, float)) and tol >= 0):
+            raise ValueError(f"tol must be a non-negative float, but got {tol!r}.")
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"lr must be a positive float, but got {lr!r}.")
+        if resume and checkpoint is None:
+            raise ValueError("resume=True needs a checkpoint path.")
+
+        state = None
+        if resume:
+            state = load_checkpoint(self, checkpoint, method)
+        if state is None:
+            if seed is not None:
+                pyro.set_rng_seed(seed)
+            if warm_start:
+                self._match_dtype(data)
+            else:
+                self.initialize(data, seed=seed)
+        options = dict(
+            max_iter=max_iter,
+            tol=float(tol),
+            progress=progress,
+            checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
+            state=state,
+        )
+        start = time.perf_counter()
+        if method == "cavi":
+            result = fit_cavi(self, data, **options)
+        else:
+            result = fit_svi(
+                self,
+                data,
+                lr=float(lr),
+                num_particles=num_particles,
+                batch_size=batch_size,
+                **options,
+            )
+        result.wall_time = time.perf_counter() - start
+        return result
+
+    def cavi_elbo(self, data) -> float:
+        """Compute the mean-field ELBO of the current parameters, with q(z) at its optimum."""
+        data = self._check_data("data", data, like=self.memory_loc.detach())
+        posterior = self._posterior()
+        step = cavi.local_step(data, data.square(), posterior)
+        return float(step.log_normalizers.sum() + cavi.global_terms(posterior, self._prior(data)))
+
+    # -- streaming -------------------------------------------------------------------------------
+    def partial_fit(self, batch) -> torch.Tensor:
+        """Absorb a batch of data one datum at a time by the Chinese restaurant rule.
+
+        Each datum x joins the memory k that maximizes ``(n_k - d) N(x; m_k, s^2 I)`` or, when
+        ``(alpha + d K) N(x; m0, (s^2 + s0^2) I)`` is larger, creates a memory initialized at
+        ``(s0^2 x + s^2 m0) / (s0^2 + s^2)``. The count and the Gaussian posterior of the chosen
+        memory are then updated in closed form, and the sticks are refitted to the counts after
+        the batch. On a memory that has seen no data, the first datum creates the first memory.
+
+        NOTE: the noise variance stays at its current value (learned by :meth:`fit`, or fixed);
+        streaming does not update it, because a variance estimated from the first few data
+        collapses.
+
+        :param batch: data of shape (B, D).
+        :returns: the index of the memory each datum joined, shape (B,), int64.
+        """
+        batch = self._check_data("batch", batch)
+        if self.memory_counts.sum() <= 0:
+            self._match_dtype(batch)
+        batch = batch.to(self.memory_loc.detach())
+        prior = self._prior(batch)
+        posterior = self._posterior()
+        variance = posterior.variance
+        precision = cavi.full_precision(variance, self.dim)
+        counts = self.memory_counts.to(batch).clone()
+        loc, scale = posterior.memory_loc, posterior.memory_scale
+        if counts.sum() <= 0:
+            counts, loc, scale = counts[:0], loc[:0], scale[:0]
+        # Sufficient statistics S_k = sum of the data in memory k, recovered from q(mu_k).
+        prior_precision = prior.prior_variance.reciprocal()
+        sums = (loc / scale.square() - prior.prior_mean * prior_precision) / precision
+
+        log_two_pi = math.log(2 * math.pi)
+        join_normalizer = -0.5 * (self.dim * log_two_pi - precision.log().sum())
+        new_variance = variance.expand(self.dim) + prior.prior_variance
+        new_normalizer = -0.5 * (self.dim * log_two_pi + new_variance.log().sum())
+        labels = torch.empty(batch.shape[0], dtype=torch.long, device=batch.device)
+        tiny = torch.finfo(batch.dtype).tiny
+        for n, x in enumerate(batch):
+            num_memories = counts.shape[0]
+            create_score = math.log(self.concentration + self.discount * num_memories)
+            create_score += float(
+                new_normalizer - 0.5 * ((x - prior.prior_mean).square() / new_variance).sum()
+            )
+            best_score, best = -math.inf, -1
+            if num_memories > 0:
+                scores = (counts - self.discount).clamp_min(tiny).log() + join_normalizer
+                scores = scores - 0.5 * ((x - loc).square() @ precision)
+                best_score, best = (float(v) for v in scores.max(0))
+                best = int(best)
+            if create_score > best_score and num_memories < self.max_truncation:
+                new_loc, new_scale = cavi.new_memory_posterior(x, variance, prior)
+                counts = torch.cat([counts, counts.new_zeros(1)])
+                sums = torch.cat([sums, torch.zeros_like(x)[None]])
+                loc = torch.cat([loc, new_loc[None]])
+                scale = torch.cat([scale, new_scale[None]])
+                best = num_memories
+                logger.info(
+                    "partial_fit: datum %d created memory %d (%d memories)",
+                    n,
+                    best,
+                    num_memories + 1,
+                )
+            counts[best] += 1
+            sums[best] += x
+            row_loc, row_scale = cavi.update_memories(
+                counts[best : best + 1], sums[best : best + 1], variance, prior
+            )
+            loc[best], scale[best] = row_loc[0], row_scale[0]
+            labels[n] = best
+
+        concentration1, concentration0 = cavi.update_sticks(counts, prior)
+        self._write_posterior(cavi.Posterior(concentration1, concentration0, loc, scale, variance))
+        self.memory_counts = counts
+        return labels
+
+    # -- prediction ------------------------------------------------------------------------------
+    def predictive(self) -> GaussianMixture:
+        """Return the variational posterior predictive mixture.
+
+        Its density is ``sum_k E[w_k] N(x; m_k, diag(s^2 + t_k^2))``.
+
+        This is exact under q: the mean over q(mu_k) of ``N(x; mu_k, s^2)`` is
+        ``N(x; m_k, s^2 + t_k^2)``, and the mixture is linear in the weights.
+        """
+        posterior = self._posterior()
+        noise = cavi.full_precision(posterior.variance, self.dim).reciprocal()
+        scales = (noise + posterior.memory_scale.square()).sqrt()
+        logits = posterior.sticks().mean.clamp_min(torch.finfo(scales.dtype).tiny).log()
+        return GaussianMixture(posterior.memory_loc, scales, logits=logits)
+
+    def assign(self, x) -> torch.Tensor:
+        """Compute the responsibilities of the memories for x under :meth:`predictive`, (..., K)."""
+        return self.predictive().responsibilities(self._check_query(x))
+
+    def log_predictive(self, x) -> torch.Tensor:
+        """Compute the posterior predictive log density of x (see :meth:`predictive`), (...)."""
+        return self.predictive().log_prob(self._check_query(x))
+
+    def energy(self, new_memory: bool = False) -> GaussianMixtureEnergy:
+        """Return the memory's energy.
+
+        :param bool new_memory: False gives the plug-in mixture energy
+            ``-log sum_k E[w_k] N(x; m_k, s^2 I)``; True gives :class:`CRPEnergy`, which adds the
+            new-memory attractor and weighs the memories by their counts.
+        """
+        posterior = self._posterior()
+        if new_memory:
+            prior = self._prior(posterior.memory_loc)
+            counts = self.memory_counts.to(posterior.memory_loc)
+            return CRPEnergy(
+                posterior.memory_loc,
+                counts,
+                posterior.variance,
+                self.concentration,
+                self.discount,
+                prior.prior_mean,
+                prior.prior_variance,
+            )
+        scale = posterior.variance.sqrt()
+        if scale.dim() == 1:
+            scale = scale.expand(self.truncation, self.dim)
+        logits = posterior.sticks().mean.clamp_min(torch.finfo(scale.dtype).tiny).log()
+        return GaussianMixtureEnergy(posterior.memory_loc, scale, logits=logits)
+
+    def retrieve(self, x, mask=None, **kwargs):
+        """Run :func:`pyro_am.retrieve` on :meth:`energy` from the queries x."""
+        return retrieve(self.energy(), self._check_query(x), mask=mask, **kwargs)
+
+    # -- persistence -----------------------------------------------------------------------------
+    def config(self) -> dict:
+        """Return the constructor arguments, enough to rebuild an unfitted copy."""
+        return {
+            "dim": self.dim,
+            "truncation": self.truncation,
+            "concentration": self.concentration,
+            "discount": self.discount,
+            "prior_mean": self.prior_mean.clone(),
+            "prior_scale": self.prior_scale.clone(),
+            "scale": None if self.learn_scale else self.fixed_scale.clone(),
+            "covariance": self.covariance,
+            "assignment": self.assignment,
+            "grow_threshold": self.grow_threshold,
+            "prune_threshold": self.prune_threshold,
+            "max_truncation": self.max_truncation,
+        }
+
+    def state(self) -> dict:
+        """Return the configuration, the variational parameters and the counts as one dict."""
+        return {
+            "format": 1,
+            "config": self.config(),
+            "parameters": self.variational_parameters(),
+            "memory_counts": self.memory_counts.clone(),
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Set the variational parameters and counts from :meth:`state`'s output."""
+        parameters = state["parameters"]
+        variance = (
+            parameters["noise_scale"].square()
+            if self.learn_scale
+            else self.fixed_scale.to(parameters["memory_loc"]).square()
+        )
+        self._write_posterior(
+            cavi.Posterior(
+                parameters["stick_concentration1"],
+                parameters["stick_concentration0"],
+                parameters["memory_loc"],
+                parameters["memory_scale"],
+                variance,
+            )
+        )
+        self.memory_counts = state["memory_counts"].clone()
+
+    def save(self, path) -> None:
+        """Write the memory to ``path`` with :func:`torch.save`, atomically."""
+        atomic_save(self.state(), path)
+
+    @classmethod
+    def load(cls, path, name: str | None = None) -> DPMemory:
+        """Read a memory written by :meth:`save`."""
+        state = torch.load(path, weights_only=True)
+        memory = cls(**state["config"], name=name)
+        memory.load_state(state)
+        return memory
+
+
+def atomic_save(obj, path) -> None:
+    """Save ``obj`` with :func:`torch.save` to a temporary file, then rename it onto ``path``."""
+    import os
+    import tempfile
+
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(obj, stream)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+__all__ = ["CRPEnergy", "DPFitResult", "DPMemory"]
