@@ -261,6 +261,59 @@ def test_mixture_component_log_likelihoods(device, scale_shape):
     )
 
 
+@HYPOTHESIS
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    num_memories=st.integers(1, 30),
+    dim=st.integers(1, 5),
+    num_queries=st.integers(1, 9),
+    block_elements=st.integers(1, 200),
+)
+def test_energies_random_blocks_match_brute_force(
+    device, seed, num_memories, dim, num_queries, block_elements
+):
+    # Random sizes and block sizes, same brute-force references and float64 tolerance as above.
+    # The dense AM energy is also checked against its lower bound: with M = max_n |x_n|,
+    # E_dam(xi) >= -M |xi| + |xi|^2 / 2 + M^2 / 2 = (|xi| - M)^2 / 2 >= 0.
+    memories = _randn(num_memories, dim, seed=seed, device=device)
+    x = 1.5 * _randn(num_queries, dim, seed=seed + 1, device=device)
+    scales = 0.4 + _randn(num_memories, dim, seed=seed + 2, device=device).abs()
+    log_weights = torch.log_softmax(_randn(num_memories, seed=seed + 3, device=device), -1)
+
+    kde = GaussianKDEEnergy(memories, 0.7, block_elements)
+    expected = kde_energy_reference(memories, 0.7, x)
+    torch.testing.assert_close(kde.energy(x), expected, rtol=0, atol=FLOAT64_ATOL)
+
+    dense_am = DenseAMEnergy(memories, 2.5, block_elements)
+    value = dense_am.energy(x)
+    torch.testing.assert_close(
+        value, dense_am_energy_reference(memories, 2.5, x), rtol=0, atol=FLOAT64_ATOL
+    )
+    max_norm = memories.norm(dim=-1).max()
+    lower_bound = 0.5 * (x.norm(dim=-1) - max_norm).square()
+    assert bool((value >= lower_bound - FLOAT64_ATOL).all())
+
+    mixture = GaussianMixtureEnergy(
+        memories, scales, logits=log_weights, block_elements=block_elements
+    )
+    expected = mixture_energy_reference(memories, scales, log_weights, x)
+    torch.testing.assert_close(mixture.energy(x), expected, rtol=0, atol=FLOAT64_ATOL)
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_grad_is_differentiable(device, name):
+    # Hessian-vector products through the closed-form gradient, as score-based objectives use,
+    # against double backward through the brute-force energy (float64 rounding).
+    _, energy, energy_reference, _ = _case(device, name, block_elements=16)
+    x = _randn(5, DIM, seed=36, device=device).requires_grad_(True)
+    direction = _randn(5, DIM, seed=37, device=device)
+
+    (hvp,) = torch.autograd.grad((energy.grad(x) * direction).sum(), x)
+    (reference_grad,) = torch.autograd.grad(energy_reference(x).sum(), x, create_graph=True)
+    (expected,) = torch.autograd.grad((reference_grad * direction).sum(), x)
+    torch.testing.assert_close(hvp, expected, rtol=1e-10, atol=FLOAT64_ATOL)
+
+
 # -- normalized densities ---------------------------------------------------------------------
 @pytest.mark.parametrize("parameterization", ["weights", "logits", "uniform"])
 @pytest.mark.parametrize("scale_shape", ["scalar", "component", "diagonal"])
