@@ -93,10 +93,11 @@ class VMFMixtureEnergy(Energy):
     """Negative log density of a von Mises-Fisher mixture on the unit sphere S^{D-1}.
 
     ``E(x) = -log sum_k pi_k C_D(kappa_k) exp(kappa_k mu_k.x)`` for unit ``x``; :meth:`log_prob`
-    is ``-E``, exact with respect to surface measure. The energy is defined for any ``x`` by the
-    same formula, but it is a density only on the sphere and it is unbounded below off it, so
-    retrieve with :func:`retrieve_on_sphere` (or :func:`~pyro_am.dynamics.retrieve` with
-    ``method="fixed_point"`` from unit queries, since :meth:`fixed_point` returns unit vectors).
+    is ``-E``, exact with respect to surface measure. The formula extends to any ``x``, but only
+    on the sphere is it a density, and off the sphere it is unbounded below. Retrieve with
+    :func:`retrieve_on_sphere`, or with :func:`~pyro_am.dynamics.retrieve` and
+    ``method="fixed_point"`` from unit queries, because :meth:`fixed_point` returns unit vectors.
+    The shared ``gradient`` and ``langevin`` methods leave the sphere.
 
     :param torch.Tensor mean_directions: unit vectors mu_k of shape (K, D), D >= 2.
     :param concentrations: kappa_k >= 0, a scalar or a tensor of shape (K,).
@@ -324,8 +325,8 @@ def solve_concentration(
         length = mean_resultant_length(dim, safe)
         slope = 1 - length.square() - (dim - 1) * length / safe
         update = safe - (length - rbar) / slope.clamp_min(torch.finfo(kappa.dtype).tiny)
-        # A_D is concave, so a Newton step from above the root lands below it and later steps
-        # rise to it monotonically; the floor keeps a far overshoot from reaching zero.
+        # A_D is concave, so a Newton step from above the root lands below it, and later steps
+        # rise to it monotonically. The floor keeps a far overshoot from reaching zero.
         update = torch.maximum(update, 0.1 * safe).clamp(max=max_concentration)
         kappa = torch.where(positive, update, kappa)
     return kappa
@@ -568,7 +569,7 @@ class VMFMixture:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state["mean_directions"].shape[0] != self.num_components:
             raise ValueError(
-                f"checkpoint {os.fspath(path)!r} holds {state['mean_directions'].shape[0]} "
+                f"checkpoint {os.fspath(path)!r} contains {state['mean_directions'].shape[0]} "
                 f"components, but this model has num_components = {self.num_components}."
             )
         options = {} if like is None else {"dtype": like.dtype, "device": like.device}
