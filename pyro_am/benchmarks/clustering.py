@@ -1,11 +1,11 @@
 """``pyro-am bench clustering``: memory models against scikit-learn clustering on labelled data.
 
 Each data set (scikit-learn's iris, wine, breast_cancer and digits) is standardized per column and
-clustered with K = number of classes by every method, once per seed. Reported per method and data
-set: the adjusted Rand index (ARI) and normalized mutual information (NMI) against the labels, the
-silhouette coefficient of the predicted clusters (Euclidean, on the standardized data), and the fit
-time (wall clock, fit and predict, after one untimed warm-up fit per method). The table gives the
-median and the interquartile range (IQR) over seeds.
+clustered with K = number of classes by every method, once per seed. Each fit reports the adjusted
+Rand index (ARI) and the normalized mutual information (NMI) against the labels, and the silhouette
+coefficient of the predicted clusters (Euclidean, on the standardized data). It also reports the
+fit time (wall clock, fit and predict), measured after one untimed warm-up fit per method. The table
+gives the median and the interquartile range (IQR) over seeds.
 
 Methods:
 
@@ -95,7 +95,7 @@ FITTERS = {
 
 
 def dp_memory_available() -> bool:
-    """Whether :class:`pyro_am.models.DPMemory` can be imported."""
+    """Check whether :class:`pyro_am.models.DPMemory` can be imported."""
     try:
         from pyro_am.models import DPMemory  # noqa: F401
     except ImportError:

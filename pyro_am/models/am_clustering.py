@@ -7,10 +7,10 @@ The clustering energy of K memories mu_k at inverse temperature beta is::
 
 which is ``(1 / beta)`` times the negative log likelihood of a uniform Gaussian mixture with
 variance ``1 / (2 beta)``, up to a constant. The retrieval dynamics ``x <- x - eta grad E(x)`` are
-unrolled for T steps. Training hides a random fraction of each datum's coordinates, lets only those
-coordinates move under the dynamics (the observed ones stay clamped), and minimizes by Adam the mean
-squared error between the completed coordinates after T steps and the hidden true values. A datum's
-cluster is the memory nearest to its state after T steps of the unmasked dynamics.
+unrolled for T steps. Training hides a random fraction of each datum's coordinates and lets only
+those coordinates move under the dynamics, while the observed ones stay clamped. Adam then minimizes
+the mean squared error between the completed coordinates after T steps and the hidden values. A
+datum's cluster is the memory nearest to its state after T steps of the unmasked dynamics.
 
 This follows ClAM (B. Saha, D. Krotov, M. J. Zaki and P. Ram, "End-to-end differentiable clustering
 with associative memories", ICML 2023), which relaxes the discrete cluster assignment through AM
@@ -150,8 +150,8 @@ class AMClustering:
     def fit(self, X) -> AMClustering:
         """Learn the memories from ``X`` (N, D); standardize the data first.
 
-        :raises RuntimeError: if the loss or the memories become NaN or infinite; the memories from
-            before that Adam step are kept and the message names the epoch.
+        :raises RuntimeError: if the loss or the memories become NaN or infinite. The memories from
+            before that Adam step are kept, and the message names the epoch.
         """
         data = _as_data("X", X)
         num_data = data.shape[0]

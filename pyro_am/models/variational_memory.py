@@ -7,9 +7,9 @@ The model, for data x_1 .. x_N in R^D and K memories::
 Each datum has assignment logits v_n, ``q_n = softmax(v_n)``, and free energy
 ``F(q_n; x_n) = sum_k q_nk (log q_nk - l_nk)`` with ``l_nk = log pi_k + log N(x_n; mu_k, s_k^2 I)``.
 Since ``F = -log p(x_n) + KL(q_n || p(z_n | x_n))``, the sum over n is the negative ELBO. The E-step
-runs T steps of the flow of :mod:`pyro_am.models.flow` from a uniform q or from the datum's logits
-of the previous call (warm start); the M-step takes gradient steps (Adam, through
-:class:`pyro.infer.SVI`) or the closed-form maximizer of the ELBO with q fixed::
+runs T steps of the flow of :mod:`pyro_am.models.flow`, from a uniform q or, with warm starts, from
+the datum's logits of the previous call. The M-step takes gradient steps (Adam, through
+:class:`pyro.infer.SVI`) or applies the closed-form maximizer of the ELBO with q fixed::
 
     N_k = sum_n q_nk,   pi_k = N_k / N,   mu_k = sum_n q_nk x_n / N_k,
     s_k^2 = sum_n q_nk |x_n - mu_k|^2 / (D N_k)    (shared: sum over k, divided by D N)
