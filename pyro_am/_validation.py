@@ -68,11 +68,13 @@ def check_interval(name: str, value, low: float, high: float, *, closed_high: bo
 
 def check_finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
     """Check that a tensor holds no NaN or infinite entry."""
-    if not torch.is_floating_point(tensor):
+    if not torch.is_floating_point(tensor) or tensor.numel() == 0:
         return tensor
-    finite = torch.isfinite(tensor)
-    if not bool(finite.all()):
-        count = int((~finite).sum())
+    # aminmax propagates NaN and reduces without a temporary the size of the tensor, which
+    # torch.isfinite would allocate (several times over) for a large memory bank.
+    low, high = torch.aminmax(tensor.detach())
+    if not bool(torch.isfinite(low) & torch.isfinite(high)):
+        count = int((~torch.isfinite(tensor)).sum())
         raise ValueError(
             f"{name} contains {count} NaN or infinite value(s) out of {tensor.numel()}; "
             "remove or impute them first."

@@ -212,7 +212,8 @@ class GaussianKDEEnergy(Energy):
 
     def _logit_parts(self, x):
         precision = self.variance.reciprocal()
-        bias = -0.5 * precision * self.memories.square().sum(-1)
+        # A norm reduction, not square().sum(), so no temporary the size of the bank is made.
+        bias = -0.5 * precision * torch.linalg.vector_norm(self.memories, dim=-1).square()
         return x * precision, self.memories, bias
 
     def _query_term(self, x):
