@@ -8,4 +8,6 @@ BENCHMARK_MODULES = (
     "pyro_am.benchmarks.retrieval",
     "pyro_am.benchmarks.clustering",
     "pyro_am.benchmarks.dp",
+    "pyro_am.benchmarks.vmf",
+    "pyro_am.benchmarks.vmf_attention",
 )
