@@ -124,15 +124,22 @@ def _restructure(memory, posterior, step, x, prior, record, iteration):
     can_grow = posterior.num_memories < memory.max_truncation and not record["growth_suspended"]
     if can_grow and last_weight > memory.grow_threshold:
         worst = int(step.log_normalizers.argmin())
-        loc, scale = cavi.new_memory_posterior(x[worst], posterior.variance, prior)
+        if prior.per_memory:
+            new_row = prior.empty_memory_variance(x)
+        else:
+            new_row = posterior.variance
+        loc, scale = cavi.new_memory_posterior(x[worst], new_row, prior)
         counts = torch.cat([counts, counts.new_zeros(1)])
         concentration1, concentration0 = cavi.update_sticks(counts, prior)
+        variance = posterior.variance
+        if prior.per_memory:
+            variance = torch.cat([variance, new_row])
         posterior = cavi.Posterior(
             concentration1,
             concentration0,
             torch.cat([posterior.memory_loc, loc[None]]),
             torch.cat([posterior.memory_scale, scale[None]]),
-            posterior.variance,
+            variance,
         )
         index = posterior.num_memories - 1
         weight = float(posterior.sticks().mean[-1])
@@ -165,7 +172,7 @@ def _propose_merge(posterior, step, x, x_squared, total_x_squared, prior, elbo):
     num_memories = posterior.num_memories
     if num_memories < 2:
         return None
-    precision = cavi.full_precision(posterior.variance, x.shape[-1])
+    precision = cavi.full_precision(posterior.variance, posterior.memory_loc.shape)
     scaled = posterior.memory_loc * precision.sqrt()
     distances = torch.cdist(scaled, scaled).square()
     upper = torch.triu(torch.ones_like(distances, dtype=torch.bool), diagonal=1)
@@ -178,9 +185,15 @@ def _propose_merge(posterior, step, x, x_squared, total_x_squared, prior, elbo):
         counts, sums = step.counts.clone(), step.sums.clone()
         counts[j] += counts[k]
         sums[j] += sums[k]
-        merged_statistics = cavi.LocalStep(None, None, counts[keep], sums[keep])
-        merged = cavi.global_step(merged_statistics, total_x_squared, x.shape[0], posterior, prior)
-        merged_step = cavi.local_step(x, x_squared, merged)
+        squares = None
+        if step.squares is not None:
+            squares = step.squares.clone()
+            squares[j] += squares[k]
+            squares = squares[keep]
+        merged_statistics = cavi.LocalStep(None, None, counts[keep], sums[keep], squares)
+        start = posterior.select(keep, counts, prior)
+        merged = cavi.global_step(merged_statistics, total_x_squared, x.shape[0], start, prior)
+        merged_step = cavi.local_step(x, x_squared, merged, with_squares=squares is not None)
         merged_elbo = float(merged_step.log_normalizers.sum() + cavi.global_terms(merged, prior))
         if merged_elbo > elbo:
             return merged, merged_step, merged_elbo, (j, k)
@@ -230,14 +243,15 @@ def fit_cavi(memory, data, *, max_iter, tol, progress, checkpoint, checkpoint_ev
     num_data = x.shape[0]
 
     posterior = _shift(memory._posterior(), -centre)
-    step = cavi.local_step(x, x_squared, posterior)
+    with_squares = prior.per_memory and prior.learn_variance
+    step = cavi.local_step(x, x_squared, posterior, with_squares)
     bar = tqdm(total=max_iter, initial=record["iteration"], disable=not progress, desc="CAVI")
     try:
         while record["iteration"] < max_iter and not record["converged"]:
             iteration = record["iteration"] + 1
             candidate = cavi.global_step(step, total_x_squared, num_data, posterior, prior)
             candidate, changed = _restructure(memory, candidate, step, x, prior, record, iteration)
-            candidate_step = cavi.local_step(x, x_squared, candidate)
+            candidate_step = cavi.local_step(x, x_squared, candidate, with_squares)
             elbo = float(candidate_step.log_normalizers.sum() + cavi.global_terms(candidate, prior))
             if not math.isfinite(elbo):
                 raise FloatingPointError(

@@ -97,7 +97,8 @@ class CRPEnergy(GaussianMixtureEnergy):
 
     :param torch.Tensor means: memory means of shape (K, D).
     :param torch.Tensor counts: memory counts n_k of shape (K,).
-    :param torch.Tensor noise_variance: ``s^2`` of shape () or (D,).
+    :param torch.Tensor noise_variance: ``s_k^2``, broadcastable to (K, D).
+    :param torch.Tensor new_variance: the noise variance of a new memory, broadcastable to (D,).
     :param float concentration: alpha.
     :param float discount: d.
     :param torch.Tensor prior_mean: m0 of shape (D,).
@@ -105,11 +106,20 @@ class CRPEnergy(GaussianMixtureEnergy):
     """
 
     def __init__(
-        self, means, counts, noise_variance, concentration, discount, prior_mean, prior_variance
+        self,
+        means,
+        counts,
+        noise_variance,
+        new_variance,
+        concentration,
+        discount,
+        prior_mean,
+        prior_variance,
     ):
         num_memories, dim = means.shape
-        noise = cavi.full_precision(noise_variance, dim).reciprocal()
-        variances = torch.cat([noise.expand(num_memories, dim), (noise + prior_variance)[None]])
+        noise = noise_variance.expand(num_memories, dim)
+        create = (new_variance.reshape(-1).expand(dim) + prior_variance)[None]
+        variances = torch.cat([noise, create])
         tiny = torch.finfo(means.dtype).tiny
         join = (counts - discount).clamp_min(tiny)
         create = torch.as_tensor(concentration + discount * num_memories, dtype=means.dtype)
@@ -152,6 +162,13 @@ class DPMemory(PyroModule):
     :param scale: noise standard deviation s. None learns it as a point estimate; a float or a
         tensor of shape (D,) (diagonal covariance) fixes it.
     :param str covariance: ``"isotropic"`` (one s) or ``"diagonal"`` (one s_d per coordinate).
+    :param bool per_memory_scale: learn one noise scale per memory (like scikit-learn's
+        ``"spherical"`` and ``"diag"`` covariances) instead of one shared by all memories.
+    :param tuple scale_prior: ``(nu, sigma0)``: a conjugate Gamma prior on each learned
+        precision worth ``nu`` pseudo-data with squared residual ``sigma0^2`` per coordinate
+        (see :mod:`pyro_am.models._dp_cavi`). The default is ``(0, 1)`` (no prior) for a shared
+        scale and ``(D, 1)`` per memory, where a memory with few data needs it. A memory with no
+        data has variance ``sigma0^2``, so set ``sigma0`` to the data's scale.
     :param str assignment: ``"marginalized"`` sums z out in the likelihood; ``"enumerated"`` samples
         z with parallel enumeration, for :class:`~pyro.infer.TraceEnum_ELBO`.
     :param float grow_threshold: grow the truncation while the last expected weight exceeds this.
@@ -170,6 +187,8 @@ class DPMemory(PyroModule):
         prior_scale=1.0,
         scale=None,
         covariance: str = "isotropic",
+        per_memory_scale: bool = False,
+        scale_prior=None,
         assignment: str = "marginalized",
         grow_threshold: float = 1e-2,
         prune_threshold: float = 1e-3,
@@ -190,6 +209,18 @@ class DPMemory(PyroModule):
             raise ValueError(f"assignment must be one of {ASSIGNMENTS}, but got {assignment!r}.")
         self.covariance = covariance
         self.assignment = assignment
+        self.per_memory_scale = bool(per_memory_scale)
+        if scale_prior is None:
+            scale_prior = (float(self.dim), 1.0) if self.per_memory_scale else (0.0, 1.0)
+        if not (isinstance(scale_prior, (tuple, list)) and len(scale_prior) == 2):
+            raise ValueError(f"scale_prior must be a pair (nu, sigma0), but got {scale_prior!r}.")
+        pseudo_count = float(check_positive("scale_prior[0]", scale_prior[0], allow_zero=True))
+        if self.per_memory_scale and pseudo_count == 0:
+            raise ValueError(
+                "scale_prior[0] must be positive with per_memory_scale=True, because a memory "
+                "with one datum would otherwise get zero variance."
+            )
+        self.scale_prior = (pseudo_count, float(check_positive("scale_prior[1]", scale_prior[1])))
 
         self.register_buffer("prior_mean", self._vector("prior_mean", prior_mean))
         prior_scale = self._vector("prior_scale", prior_scale)
@@ -197,6 +228,8 @@ class DPMemory(PyroModule):
             raise ValueError(f"prior_scale must be positive, but got {prior_scale.tolist()}.")
         self.register_buffer("prior_scale", prior_scale)
         self.learn_scale = scale is None
+        if scale is not None and self.per_memory_scale:
+            raise ValueError("per_memory_scale=True learns the scales, so scale must be None.")
         if scale is not None:
             self.register_buffer("fixed_scale", self._fixed_scale(scale))
         self.register_buffer("memory_counts", torch.zeros(truncation, dtype=torch.float64))
@@ -238,18 +271,39 @@ class DPMemory(PyroModule):
         loc = prior.prior_mean + std * torch.randn(
             truncation, self.dim, dtype=dtype, device=std.device
         )
-        variance = self._initial_variance(prior)
+        variance = self._initial_variance(prior, truncation)
         return cavi.Posterior(
             concentration1, concentration0, loc, std.expand(truncation, -1).clone(), variance
         )
 
-    def _initial_variance(self, prior: cavi.Prior) -> torch.Tensor:
+    def _initial_variance(self, prior: cavi.Prior, truncation: int) -> torch.Tensor:
         like = prior.prior_mean
         if not self.learn_scale:
-            return self.fixed_scale.to(like).square()
-        if self.covariance == "isotropic":
-            return torch.ones((), dtype=like.dtype, device=like.device)
-        return torch.ones(self.dim, dtype=like.dtype, device=like.device)
+            return self._to_internal(self.fixed_scale.to(like).square())
+        rows = truncation if self.per_memory_scale else 1
+        width = 1 if self.covariance == "isotropic" else self.dim
+        variance = torch.full(
+            (rows, width), prior.variance_prior, dtype=like.dtype, device=like.device
+        )
+        return (
+            variance.reshape(()) if rows == width == 1 and not self.per_memory_scale else variance
+        )
+
+    def _to_internal(self, public: torch.Tensor) -> torch.Tensor:
+        """Reshape a variance from its public shape, (), (D,), (K,) or (K, D), to one that
+        broadcasts to (K, D): (), (1, D), (K, 1) or (K, D)."""
+        if self.per_memory_scale and self.covariance == "isotropic":
+            return public.unsqueeze(-1)
+        if not self.per_memory_scale and self.covariance == "diagonal":
+            return public.reshape(1, self.dim)
+        return public
+
+    def _to_public(self, internal: torch.Tensor) -> torch.Tensor:
+        if self.per_memory_scale and self.covariance == "isotropic":
+            return internal.squeeze(-1)
+        if not self.per_memory_scale and self.covariance == "diagonal":
+            return internal.reshape(self.dim)
+        return internal
 
     def _prior(self, like: torch.Tensor) -> cavi.Prior:
         return cavi.Prior(
@@ -259,6 +313,9 @@ class DPMemory(PyroModule):
             prior_variance=self.prior_scale.to(like).square(),
             learn_variance=self.learn_scale,
             isotropic=self.covariance == "isotropic",
+            per_memory=self.per_memory_scale,
+            variance_pseudo_count=self.scale_prior[0] if self.learn_scale else 0.0,
+            variance_prior=self.scale_prior[1] ** 2,
         )
 
     # -- parameters ------------------------------------------------------------------------------
@@ -280,7 +337,8 @@ class DPMemory(PyroModule):
         self._replace_param("memory_loc", posterior.memory_loc, constraints.real)
         self._replace_param("memory_scale", posterior.memory_scale, constraints.positive)
         if self.learn_scale:
-            self._replace_param("noise_scale", posterior.variance.sqrt(), constraints.positive)
+            public = self._to_public(posterior.variance.sqrt())
+            self._replace_param("noise_scale", public, constraints.positive)
 
     def _posterior(self) -> cavi.Posterior:
         """Read the current variational parameters as detached tensors."""
@@ -290,11 +348,12 @@ class DPMemory(PyroModule):
                 self.stick_concentration0.detach().clone(),
                 self.memory_loc.detach().clone(),
                 self.memory_scale.detach().clone(),
-                self._noise_scale().detach().square(),
+                self._to_internal(self._noise_scale().detach().square()),
             )
 
     def _noise_scale(self) -> torch.Tensor:
-        """The noise standard deviation s, of shape () (isotropic) or (D,), differentiable."""
+        """The noise standard deviation, differentiable, of shape () or (D,) (shared) or (K,) or
+        (K, D) (per memory)."""
         if self.learn_scale:
             return self.noise_scale
         return self.fixed_scale.to(self.memory_loc.detach())
@@ -309,8 +368,12 @@ class DPMemory(PyroModule):
             "memory_scale": posterior.memory_scale,
         }
         if self.learn_scale:
-            parameters["noise_scale"] = posterior.variance.sqrt()
+            parameters["noise_scale"] = self._to_public(posterior.variance.sqrt())
         return parameters
+
+    @property
+    def _diagonal_shared(self) -> bool:
+        return self.covariance == "diagonal" and not self.per_memory_scale
 
     @property
     def truncation(self) -> int:
@@ -336,8 +399,8 @@ class DPMemory(PyroModule):
 
     @property
     def scale(self) -> torch.Tensor:
-        """The current noise standard deviation s, shape () or (D,)."""
-        return self._posterior().variance.sqrt()
+        """The current noise standard deviation, shape () or (D,) (shared), (K,) or (K, D)."""
+        return self._to_public(self._posterior().variance.sqrt())
 
     # -- data checks -----------------------------------------------------------------------------
     def _check_data(self, name: str, data, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -404,19 +467,24 @@ class DPMemory(PyroModule):
                 dist.Normal(prior_mean, prior_scale).expand([truncation, self.dim]).to_event(1),
             )
         scale = self._noise_scale()
+        prior = self._prior(loc)
+        if self.learn_scale and prior.variance_pseudo_count > 0:
+            pyro.factor("scale_prior", prior.variance_log_prior(scale.square()))
+        full_scale = self._to_internal(scale).expand(truncation, self.dim)
         with pyro.plate("data", num_data, subsample_size=subsample_size, dim=-1) as index:
             batch = data
             if data is not None and subsample_size is not None and subsample_size < num_data:
                 batch = data.index_select(0, index.to(data.device))
             if self.assignment == "marginalized":
-                scales = scale if scale.dim() == 0 else scale.expand(truncation, self.dim)
+                scales = scale if scale.dim() <= 1 and not self._diagonal_shared else full_scale
                 logits = weights.clamp_min(torch.finfo(dtype).tiny).log()
                 pyro.sample("obs", GaussianMixture(memories, scales, logits=logits), obs=batch)
             else:
                 assignment = pyro.sample(
                     "assignment", dist.Categorical(weights), infer={"enumerate": "parallel"}
                 )
-                pyro.sample("obs", dist.Normal(memories[assignment], scale).to_event(1), obs=batch)
+                component = dist.Normal(memories[assignment], full_scale[assignment])
+                pyro.sample("obs", component.to_event(1), obs=batch)
 
     @pyro_method
     def guide(self, data=None, subsample_size=None, num_data=None):
@@ -441,7 +509,7 @@ class DPMemory(PyroModule):
         truncation = min(self.truncation, data.shape[0])
         centres = kmeans_plus_plus(data, truncation, generator=generator)
         _, labels = lloyd(data, centres, max_iter=_LLOYD_ITERATIONS)
-        variance = self._initial_variance(self._prior(data))
+        variance = self._initial_variance(self._prior(data), truncation)
         posterior = cavi.hard_assignment_posterior(
             data, labels, truncation, variance, self._prior(data)
         )
@@ -564,18 +632,23 @@ class DPMemory(PyroModule):
         prior = self._prior(batch)
         posterior = self._posterior()
         variance = posterior.variance
-        precision = cavi.full_precision(variance, self.dim)
         counts = self.memory_counts.to(batch).clone()
         loc, scale = posterior.memory_loc, posterior.memory_scale
         if counts.sum() <= 0:
             counts, loc, scale = counts[:0], loc[:0], scale[:0]
+            if self.per_memory_scale:
+                variance = variance[:0]
+        if self.per_memory_scale:
+            new_row = prior.empty_memory_variance(batch)
+        else:
+            new_row = variance.reshape(-1)[None] if variance.dim() else variance.reshape(1, 1)
+        precision = cavi.full_precision(variance, loc.shape)
         # Sufficient statistics S_k = sum of the data in memory k, recovered from q(mu_k).
         prior_precision = prior.prior_variance.reciprocal()
         sums = (loc / scale.square() - prior.prior_mean * prior_precision) / precision
 
         log_two_pi = math.log(2 * math.pi)
-        join_normalizer = -0.5 * (self.dim * log_two_pi - precision.log().sum())
-        new_variance = variance.expand(self.dim) + prior.prior_variance
+        new_variance = new_row.reshape(-1).expand(self.dim) + prior.prior_variance
         new_normalizer = -0.5 * (self.dim * log_two_pi + new_variance.log().sum())
         labels = torch.empty(batch.shape[0], dtype=torch.long, device=batch.device)
         tiny = torch.finfo(batch.dtype).tiny
@@ -587,16 +660,20 @@ class DPMemory(PyroModule):
             )
             best_score, best = -math.inf, -1
             if num_memories > 0:
+                join_normalizer = -0.5 * (self.dim * log_two_pi - precision.log().sum(-1))
                 scores = (counts - self.discount).clamp_min(tiny).log() + join_normalizer
-                scores = scores - 0.5 * ((x - loc).square() @ precision)
+                scores = scores - 0.5 * ((x - loc).square() * precision).sum(-1)
                 best_score, best = (float(v) for v in scores.max(0))
                 best = int(best)
             if create_score > best_score and num_memories < self.max_truncation:
-                new_loc, new_scale = cavi.new_memory_posterior(x, variance, prior)
+                new_loc, new_scale = cavi.new_memory_posterior(x, new_row, prior)
                 counts = torch.cat([counts, counts.new_zeros(1)])
                 sums = torch.cat([sums, torch.zeros_like(x)[None]])
                 loc = torch.cat([loc, new_loc[None]])
                 scale = torch.cat([scale, new_scale[None]])
+                if self.per_memory_scale:
+                    variance = torch.cat([variance, new_row])
+                precision = cavi.full_precision(variance, loc.shape)
                 best = num_memories
                 logger.info(
                     "partial_fit: datum %d created memory %d (%d memories)",
@@ -607,7 +684,10 @@ class DPMemory(PyroModule):
             counts[best] += 1
             sums[best] += x
             row_loc, row_scale = cavi.update_memories(
-                counts[best : best + 1], sums[best : best + 1], variance, prior
+                counts[best : best + 1],
+                sums[best : best + 1],
+                precision[best : best + 1].reciprocal(),
+                prior,
             )
             loc[best], scale[best] = row_loc[0], row_scale[0]
             labels[n] = best
@@ -627,8 +707,7 @@ class DPMemory(PyroModule):
         ``N(x; m_k, s^2 + t_k^2)``, and the mixture is linear in the weights.
         """
         posterior = self._posterior()
-        noise = cavi.full_precision(posterior.variance, self.dim).reciprocal()
-        scales = (noise + posterior.memory_scale.square()).sqrt()
+        scales = (posterior.variance + posterior.memory_scale.square()).sqrt()
         logits = posterior.sticks().mean.clamp_min(torch.finfo(scales.dtype).tiny).log()
         return GaussianMixture(posterior.memory_loc, scales, logits=logits)
 
@@ -651,17 +730,22 @@ class DPMemory(PyroModule):
         if new_memory:
             prior = self._prior(posterior.memory_loc)
             counts = self.memory_counts.to(posterior.memory_loc)
+            if self.per_memory_scale:
+                new_variance = prior.empty_memory_variance(posterior.memory_loc)
+            else:
+                new_variance = posterior.variance
             return CRPEnergy(
                 posterior.memory_loc,
                 counts,
                 posterior.variance,
+                new_variance,
                 self.concentration,
                 self.discount,
                 prior.prior_mean,
                 prior.prior_variance,
             )
-        scale = posterior.variance.sqrt()
-        if scale.dim() == 1:
+        scale = self._to_public(posterior.variance.sqrt())
+        if self._diagonal_shared:
             scale = scale.expand(self.truncation, self.dim)
         logits = posterior.sticks().mean.clamp_min(torch.finfo(scale.dtype).tiny).log()
         return GaussianMixtureEnergy(posterior.memory_loc, scale, logits=logits)
@@ -682,6 +766,8 @@ class DPMemory(PyroModule):
             "prior_scale": self.prior_scale.clone(),
             "scale": None if self.learn_scale else self.fixed_scale.clone(),
             "covariance": self.covariance,
+            "per_memory_scale": self.per_memory_scale,
+            "scale_prior": self.scale_prior,
             "assignment": self.assignment,
             "grow_threshold": self.grow_threshold,
             "prune_threshold": self.prune_threshold,
@@ -700,11 +786,10 @@ class DPMemory(PyroModule):
     def load_state(self, state: dict) -> None:
         """Set the variational parameters and counts from :meth:`state`'s output."""
         parameters = state["parameters"]
-        variance = (
-            parameters["noise_scale"].square()
-            if self.learn_scale
-            else self.fixed_scale.to(parameters["memory_loc"]).square()
-        )
+        if self.learn_scale:
+            variance = self._to_internal(parameters["noise_scale"].square())
+        else:
+            variance = self._to_internal(self.fixed_scale.to(parameters["memory_loc"]).square())
         self._write_posterior(
             cavi.Posterior(
                 parameters["stick_concentration1"],
