@@ -34,6 +34,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer import Predictive
+from pyro.poutine.util import site_is_subsample
 
 from pyro_am._validation import check_int
 
@@ -106,6 +107,7 @@ def _latent_sites(trace) -> dict[str, torch.Tensor]:
         for name, site in trace.nodes.items()
         if site["type"] == "sample"
         and not site["is_observed"]
+        and not site_is_subsample(site)
         and not site["infer"].get("is_auxiliary", False)
     }
 
@@ -128,8 +130,8 @@ def draw_from_guide(guide, model_args=(), model_kwargs=None, num_samples: int = 
     :param tuple model_args: positional arguments of the model and guide.
     :param dict model_kwargs: keyword arguments of the model and guide.
     :param int num_samples: number of draws S.
-    :param bool parallel: draw all samples in one vectorized pass (needs every batch dimension
-        of the guide declared by a :class:`pyro.plate`); otherwise trace the guide S times.
+    :param bool parallel: draw all samples in one vectorized pass, which needs every batch
+        dimension of the guide declared by a :class:`pyro.plate`. False traces the guide S times.
     :returns: a dict from site name to a tensor of shape (S, *site shape).
     """
     model_kwargs = {} if model_kwargs is None else model_kwargs
@@ -310,8 +312,8 @@ def from_guide(
     :param dict coords: dim name to coordinate values.
     :param elbo: the ELBO per iteration of the fit, stored in group ``vi_trace``.
     :param bool posterior_predictive: also sample one replicate of the data per draw.
-    :param bool parallel: vectorize over draws (needs a model with every batch dim in a plate and
-        distributions that take batched parameters); otherwise loop over draws.
+    :param bool parallel: vectorize over draws, which needs every batch dim of the model in a
+        plate and distributions that take batched parameters. False loops over draws.
     :param callable log_likelihood_fn: maps the draws (site to tensor of shape (S, ...)) to
         observed site name to pointwise log likelihood of shape (S, N); use it when the model's
         observed sites condition on sampled discrete sites.
@@ -359,7 +361,7 @@ def from_mcmc(
 ):
     """Convert a finished :class:`pyro.infer.MCMC` run into ``InferenceData``.
 
-    ``posterior`` comes from ``mcmc.get_samples(group_by_chain=True)``; ``sample_stats`` holds
+    ``posterior`` comes from ``mcmc.get_samples(group_by_chain=True)``; ``sample_stats`` contains
     ``diverging`` (from ``mcmc.diagnostics()``) and ``lp``, the log joint density at each draw.
     The acceptance rate of each chain and the kernel's final step size go to the attrs of
     ``sample_stats``, because Pyro records neither per draw.
@@ -409,4 +411,111 @@ def from_mcmc(
     if step_size is not None:
         # With chains run one after another in this process, this is the last chain's value.
         stats_attrs["final_step_size"] = float(step_size)
+    return inference_data
+
+
+def _mixture_log_likelihood(data: torch.Tensor, noise_scale: torch.Tensor):
+    from pyro_am.distributions import GaussianMixture
+
+    def log_likelihood(draws: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        weights, memories = draws["weights"], draws["locs"]
+        tiny = torch.finfo(weights.dtype).tiny
+        values = []
+        for index in range(weights.shape[0]):
+            scales = noise_scale
+            if scales.dim() == 1:
+                scales = scales.expand_as(memories[index])
+            mixture = GaussianMixture(
+                memories[index], scales, logits=weights[index].clamp_min(tiny).log()
+            )
+            values.append(mixture.log_prob(data))
+        return {"obs": torch.stack(values)}
+
+    return log_likelihood
+
+
+def to_inference_data(
+    memory,
+    data,
+    *,
+    num_samples: int = 200,
+    fit_result=None,
+    posterior_predictive: bool = True,
+    feature_names: Sequence[str] | None = None,
+    seed: int | None = None,
+):
+    """Convert a fitted :class:`~pyro_am.models.DPMemory` into ``InferenceData``.
+
+    ``posterior`` contains the guide's sites ``weights`` (dims chain, draw, memory) and ``locs``,
+    the memories (chain, draw, memory, dim). ``log_likelihood["obs"]`` is the mixture density
+    ``log sum_k w_k N(x_n; mu_k, s^2)`` of each point at each draw, with the assignment summed out
+    whatever the memory's ``assignment`` setting. The noise scale s is a point estimate, so it is
+    stored in ``constant_data`` rather than drawn. With ``fit_result`` the ELBO trace goes to
+    group ``vi_trace``, whose attrs record the method, iterations, convergence and the numbers of
+    memories created and pruned.
+
+    :param memory: a fitted :class:`~pyro_am.models.DPMemory`.
+    :param data: the observations, shape (N, D), converted to the memory's dtype and device.
+    :param int num_samples: number of draws S from the guide.
+    :param fit_result: the :class:`~pyro_am.models.DPFitResult` of the fit, optional.
+    :param bool posterior_predictive: also draw one replicate of the data per draw.
+    :param feature_names: coordinate labels of dim ``dim``; by default 0 .. D - 1.
+    :param int seed: seeds the draws.
+    :returns: an :class:`arviz.InferenceData`.
+    """
+    like = memory.memory_loc.detach()
+    if not isinstance(data, torch.Tensor):
+        data = torch.as_tensor(np.asarray(data), dtype=like.dtype)
+    data = data.to(like)
+    if data.dim() != 2 or data.shape[1] != memory.dim:
+        raise ValueError(
+            f"data must have shape (num_data, {memory.dim}) to match the memory, but has shape "
+            f"{tuple(data.shape)}."
+        )
+    if feature_names is not None and len(feature_names) != memory.dim:
+        raise ValueError(
+            f"feature_names must have {memory.dim} entries, but has {len(feature_names)}."
+        )
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+
+    noise_scale = memory.scale.detach().to(like)
+    coords = {
+        "memory": np.arange(memory.truncation),
+        "dim": np.asarray(feature_names) if feature_names is not None else np.arange(memory.dim),
+        "observation": np.arange(data.shape[0]),
+    }
+    dims = {
+        "weights": ["memory"],
+        "locs": ["memory", "dim"],
+        "obs": ["observation", "dim"],
+        "noise_scale": [] if noise_scale.dim() == 0 else ["dim"],
+    }
+    draws = draw_from_guide(memory.guide, (data,), num_samples=num_samples, parallel=False)
+    groups = {
+        "posterior": _chain_major(draws, 1),
+        "log_likelihood": _chain_major(_mixture_log_likelihood(data, noise_scale)(draws), 1),
+        "observed_data": {"obs": _to_numpy(data)},
+        "constant_data": {"noise_scale": _to_numpy(noise_scale)},
+    }
+    if posterior_predictive:
+        replicates = sample_posterior_predictive(
+            memory.model, draws, ["obs"], (data,), parallel=False
+        )
+        groups["posterior_predictive"] = _chain_major(replicates, 1)
+    method = fit_result.method if fit_result is not None else "cavi"
+    inference_data = _from_dict(groups, coords=coords, dims=dims, attrs=_library_attrs(method))
+
+    if fit_result is not None:
+        trace = elbo_trace_dataset(fit_result.elbo)
+        trace.attrs.update(
+            {
+                "method": fit_result.method,
+                "iterations": int(fit_result.iterations),
+                "converged": int(bool(fit_result.converged)),
+                "num_created": int(fit_result.num_created),
+                "num_pruned": int(fit_result.num_pruned),
+            }
+        )
+        _attach_group(inference_data, "vi_trace", trace)
     return inference_data

@@ -176,8 +176,8 @@ def test_from_guide_rejects_model_without_observations(data):
 
 @pytest.fixture
 def mcmc_two_chains(data, monkeypatch):
-    # Pyro runs chains in worker processes when the machine has spare cores; one reported core
-    # makes it run them one after another in this process, which is faster for a model this small.
+    # Pyro runs chains in worker processes when the machine has spare cores. Reporting one core
+    # makes it run them one after another in this process, which is faster for this small model.
     monkeypatch.setattr(pyro.infer.mcmc.api.mp, "cpu_count", lambda: 1)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="num_chains=2 is more than available_cpu")
@@ -235,3 +235,107 @@ def test_from_mcmc_works_with_arviz_functions(data, mcmc_two_chains):
     axes = az.plot_trace(idata, var_names=["mu"])
     assert axes.shape == (1, 2)
     plt.close("all")
+
+
+@pytest.fixture
+def fitted_memory(device):
+    from pyro_am.models import DPMemory
+
+    generator = torch.Generator().manual_seed(2)
+    centres = torch.tensor([[-4.0, 0.0], [0.0, 3.0], [4.0, 0.0]], dtype=torch.float64)
+    labels = torch.arange(3).repeat_interleave(40)
+    data = centres[labels] + 0.5 * torch.randn(120, 2, generator=generator, dtype=torch.float64)
+    data = data.to(device)
+    memory = DPMemory(2, truncation=6, prior_scale=4.0)
+    result = memory.fit(data, method="cavi", max_iter=100, progress=False, seed=0)
+    return memory, result, data
+
+
+def test_to_inference_data_groups_and_dims(fitted_memory):
+    from pyro_am.diagnostics import to_inference_data
+
+    memory, result, data = fitted_memory
+    idata = to_inference_data(
+        memory, data, num_samples=40, fit_result=result, feature_names=["a", "b"], seed=0
+    )
+    num_memories = memory.truncation
+
+    assert {"posterior", "log_likelihood", "observed_data", "posterior_predictive"} <= set(
+        idata.groups()
+    )
+    assert idata.posterior["locs"].dims == ("chain", "draw", "memory", "dim")
+    assert idata.posterior["locs"].shape == (1, 40, num_memories, 2)
+    assert idata.posterior["weights"].dims == ("chain", "draw", "memory")
+    assert list(idata.posterior["dim"].values) == ["a", "b"]
+    assert idata.log_likelihood["obs"].dims == ("chain", "draw", "observation")
+    assert idata.posterior_predictive["obs"].shape == (1, 40, 120, 2)
+    assert idata.vi_trace["elbo"].sizes["iteration"] == len(result.elbo)
+    assert idata.vi_trace.attrs["num_created"] == result.num_created
+
+
+def test_to_inference_data_log_likelihood_matches_scipy(fitted_memory):
+    from scipy.special import logsumexp
+
+    from pyro_am.diagnostics import to_inference_data
+
+    memory, result, data = fitted_memory
+    idata = to_inference_data(memory, data, num_samples=5, posterior_predictive=False, seed=0)
+    weights = idata.posterior["weights"].values[0]
+    memories = idata.posterior["locs"].values[0]
+    scale = float(memory.scale)
+    x = data.cpu().numpy()
+
+    for draw in range(5):
+        component = scipy.stats.norm.logpdf(x[:, None, :], memories[draw][None], scale).sum(-1)
+        expected = logsumexp(np.log(weights[draw]) + component, axis=1)
+        # float64 throughout; GEMM-form distances lose ~1e-12 relative accuracy here.
+        np.testing.assert_allclose(idata.log_likelihood["obs"].values[0, draw], expected, rtol=1e-8)
+
+
+def test_to_inference_data_draws_follow_guide(fitted_memory):
+    from pyro_am.diagnostics import to_inference_data
+
+    memory, _, data = fitted_memory
+    num_samples = 400
+    idata = to_inference_data(memory, data, num_samples=num_samples, posterior_predictive=False)
+    parameters = memory.variational_parameters()
+
+    draws = idata.posterior["locs"].values[0]
+    loc = parameters["memory_loc"].cpu().numpy()
+    scale = parameters["memory_scale"].cpu().numpy()
+    # Each coordinate's sample mean has standard error scale / sqrt(400) = scale / 20; allow
+    # 5 standard errors.
+    assert (np.abs(draws.mean(0) - loc) < 5 * scale / np.sqrt(num_samples)).all()
+    # The weights' sample mean has standard error below 0.5 / 20 = 0.025 for any Beta sticks;
+    # the reference is the expected weight E_q[w] computed in closed form.
+    weights = idata.posterior["weights"].values[0].mean(0)
+    np.testing.assert_allclose(weights, memory.weights.cpu().numpy(), atol=0.05)
+
+
+def test_to_inference_data_loo_waic_summary(fitted_memory):
+    from pyro_am.diagnostics import to_inference_data
+
+    memory, _, data = fitted_memory
+    idata = to_inference_data(memory, data, num_samples=400, posterior_predictive=False, seed=0)
+
+    loo = az.loo(idata)
+    waic = az.waic(idata)
+    in_sample = float(memory.log_predictive(data).sum())
+    # LOO and WAIC subtract an effective number of parameters from the in-sample fit: positive
+    # and at most the 3 memories x (2 coordinates + 1 weight) that carry data, with margin.
+    assert 0 < in_sample - loo.elpd_loo < 20
+    assert 0 < in_sample - waic.elpd_waic < 20
+    summary = az.summary(idata, var_names=["weights"], kind="stats")
+    assert len(summary) == memory.truncation
+
+    axes = az.plot_trace(idata, var_names=["weights"])
+    assert axes.shape == (1, 2)
+    plt.close("all")
+
+
+def test_to_inference_data_rejects_wrong_dimension(fitted_memory):
+    from pyro_am.diagnostics import to_inference_data
+
+    memory, _, data = fitted_memory
+    with pytest.raises(ValueError, match="must have shape"):
+        to_inference_data(memory, data[:, :1], num_samples=4)
