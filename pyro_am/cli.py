@@ -17,6 +17,7 @@ from pyro_am import __version__
 
 COMMAND_MODULES = (
     "pyro_am.commands.retrieve",
+    "pyro_am.commands.fit",
     "pyro_am.commands.bench",
     "pyro_am.commands.capacity",
 )
