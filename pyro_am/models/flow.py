@@ -69,6 +69,11 @@ def free_energy(assignment_logits: torch.Tensor, log_joint: torch.Tensor) -> tor
     return terms.sum(-1)
 
 
+def _normalized_free_energy(log_q: torch.Tensor, log_joint: torch.Tensor) -> torch.Tensor:
+    """Compute F from finite, already normalized ``log q``, so no term is 0 * inf."""
+    return (log_q.exp() * (log_q - log_joint)).sum(-1)
+
+
 def flow_velocity(assignment_logits: torch.Tensor, log_joint: torch.Tensor) -> torch.Tensor:
     """Compute the Euclidean flow ``dv/dt = -dF/dv = (diag(q) - q q^T)(l - log q)``.
 
@@ -122,6 +127,7 @@ def assignment_flow(
     scheme: str = "mirror",
     tol: float = 0.0,
     return_trajectory: bool = False,
+    validate: bool = True,
 ) -> FlowResult:
     """Integrate the free-energy flow of the assignment logits for ``steps`` steps.
 
@@ -135,11 +141,15 @@ def assignment_flow(
     :param float tol: stop early once every datum's largest change of ``log q`` is at most ``tol``;
         0 runs all ``steps``.
     :param bool return_trajectory: also return F after every step.
+    :param bool validate: check the arguments and that the log joints and logits are finite. A fit
+        loop that has checked its inputs once can turn it off, because each finiteness check
+        synchronizes with the device.
     :returns: a :class:`FlowResult`.
     """
-    steps, step_size = check_flow_arguments(steps, step_size, scheme)
-    check_positive("tol", tol, allow_zero=True)
-    check_finite("log_joint", log_joint)
+    if validate:
+        steps, step_size = check_flow_arguments(steps, step_size, scheme)
+        check_positive("tol", tol, allow_zero=True)
+        check_finite("log_joint", log_joint)
     log_joint = log_joint.detach()
     if init_logits is None:
         log_q = torch.full_like(log_joint, 0.0)
@@ -149,7 +159,9 @@ def assignment_flow(
                 f"init_logits must have the shape of log_joint, {tuple(log_joint.shape)}, "
                 f"but has shape {tuple(init_logits.shape)}."
             )
-        log_q = check_finite("init_logits", init_logits.detach())
+        log_q = init_logits.detach()
+        if validate:
+            check_finite("init_logits", log_q)
     log_q = log_normalize(log_q)
 
     with torch.no_grad():
@@ -169,7 +181,7 @@ def _run_mirror(log_joint, log_q, steps, step_size, tol, keep):
         # log q_T = (1 - eta)^T log q_0 + (1 - (1 - eta)^T) l, normalized.
         contraction = (1.0 - step_size) ** steps
         log_q = log_normalize(contraction * log_q + (1.0 - contraction) * log_joint)
-        return log_q, free_energy(log_q, log_joint), steps, False, None
+        return log_q, _normalized_free_energy(log_q, log_joint), steps, False, None
 
     value = free_energy(log_q, log_joint)
     trajectory = [value] if keep else None

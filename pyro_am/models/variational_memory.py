@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from pyro_am._validation import check_finite, check_int, check_positive
 from pyro_am.dynamics import RetrievalResult, retrieve
 from pyro_am.energies import GaussianMixtureEnergy
-from pyro_am.models._kmeans import kmeans_plus_plus, lloyd
+from pyro_am.models._kmeans import kmeans_plus_plus, lloyd, squared_distances
 from pyro_am.models.flow import FlowResult, assignment_flow, check_flow_arguments, free_energy
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,8 @@ class VariationalMemory(PyroModule):
     :param float learning_rate: Adam learning rate of the gradient M-step.
     :param str init: ``"kmeans"`` (k-means++ seeding followed by Lloyd's iterations; the initial
         parameters are the M-step of the k-means labels) or ``"kmeans++"`` (seeding only).
+    :param int init_restarts: number of k-means++ seedings drawn. The one with the lowest sum of
+        squared distances to the nearest centre is kept (and refined by Lloyd's iterations).
     :param float reg_variance: added to each variance in the closed-form M-step, which keeps a
         memory holding one datum from collapsing (scikit-learn's ``reg_covar``).
     :param int seed: seed of the initialization.
@@ -136,6 +138,7 @@ class VariationalMemory(PyroModule):
         tol: float = 1e-3,
         learning_rate: float = 0.05,
         init: str = "kmeans",
+        init_restarts: int = 5,
         reg_variance: float = 1e-6,
         seed: int = 0,
         progress: bool = False,
@@ -162,6 +165,7 @@ class VariationalMemory(PyroModule):
         self.tol = check_positive("tol", tol, allow_zero=True)
         self.learning_rate = check_positive("learning_rate", learning_rate)
         self.init = init
+        self.init_restarts = check_int("init_restarts", init_restarts, minimum=1)
         self.reg_variance = check_positive("reg_variance", reg_variance, allow_zero=True)
         self.seed = check_int("seed", seed, minimum=0)
         self.progress = bool(progress)
@@ -353,10 +357,15 @@ class VariationalMemory(PyroModule):
         self._check_sizes(data)
         generator = torch.Generator(device=data.device).manual_seed(self.seed)
         with torch.no_grad():
-            centres = kmeans_plus_plus(data, self.num_memories, generator)
+            best_potential, centres = math.inf, None
+            for _ in range(self.init_restarts):
+                candidate = kmeans_plus_plus(data, self.num_memories, generator)
+                potential = float(squared_distances(data, candidate).min(-1).values.sum())
+                if potential < best_potential:
+                    best_potential, centres = potential, candidate
             if self.init == "kmeans":
                 centres, _ = lloyd(data, centres)
-            labels = torch.cdist(data, centres).argmin(-1)
+            labels = squared_distances(data, centres).argmin(-1)
             q = torch.nn.functional.one_hot(labels, self.num_memories).to(data.dtype)
             locs, log_weights, variances = self._closed_form_m_step(
                 data, data.square().sum(-1), q, fallback_locs=centres
@@ -443,6 +452,7 @@ class VariationalMemory(PyroModule):
                 steps=self.flow_steps,
                 step_size=self.flow_step_size,
                 scheme=self.flow_scheme,
+                validate=False,
             )
             elbo = -float(flow.free_energy.sum()) / num_data
             if not math.isfinite(elbo):
@@ -573,7 +583,14 @@ class VariationalMemory(PyroModule):
 
     def predict(self, X):
         """Return the most probable memory of each datum; a numpy array for numpy input."""
-        labels = self.assign(X).argmax(-1)
+        if self.flow_scheme == "mirror":
+            # From uniform q the mirror flow gives log q_T = (1 - (1 - eta)^T) l + const, which
+            # orders the memories as l does, so the flow's argmax is the posterior's.
+            data = self._check_data("X", X)
+            with torch.no_grad():
+                labels = self.log_joint(data).argmax(-1)
+        else:
+            labels = self.assign(X).argmax(-1)
         return labels if isinstance(X, torch.Tensor) else labels.cpu().numpy()
 
     def fit_predict(self, X, **kwargs):

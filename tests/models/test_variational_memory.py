@@ -159,7 +159,9 @@ def test_assign_is_posterior_after_many_steps(device):
 def test_retrieve_completes_missing_coordinate(device):
     data, _ = _blobs(device)
     memory = VariationalMemory(3, 2).fit(data)
-    centre = memory.locs.detach()[0]
+    # The memory near (4, 0): its first coordinate alone picks it out from (-4, 0) and (0, 5).
+    locs = memory.locs.detach()
+    centre = locs[locs[:, 0].argmax()]
     query = torch.stack([centre[0] + 0.1, torch.zeros_like(centre[0])]).unsqueeze(0)
     mask = torch.tensor([[True, False]], device=device)
     result = memory.retrieve(query, mask=mask)
