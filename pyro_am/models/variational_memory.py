@@ -265,7 +265,9 @@ class VariationalMemory(PyroModule):
                 log_joint = self.log_joint(data)
         warm = self.warm_start if warm_start is None else warm_start
         init = None
-        if warm and self._stored_logits is not None and int(index.max()) < len(self._stored_logits):
+        if warm and self._stored_logits is not None:
+            # Indices never seen before read zero logits, which is the uniform start.
+            self._grow_storage(int(index.max()) + 1, log_joint)
             init = self._stored_logits[index]
         result = assignment_flow(
             log_joint,
@@ -277,15 +279,24 @@ class VariationalMemory(PyroModule):
         self._store_logits(index, result.log_q)
         return result
 
-    def _store_logits(self, index, log_q) -> None:
-        needed = int(index.max()) + 1
+    def _grow_storage(self, needed: int, like: torch.Tensor) -> None:
+        """Make the stored logits hold at least ``needed`` rows of ``like``'s dtype and K."""
         stored = self._stored_logits
-        if stored is None or stored.shape[-1] != log_q.shape[-1] or stored.dtype != log_q.dtype:
-            stored = log_q.new_zeros(needed, log_q.shape[-1])
+        same_kind = (
+            stored is not None
+            and stored.shape[-1] == like.shape[-1]
+            and stored.dtype == like.dtype
+            and stored.device == like.device
+        )
+        if not same_kind:
+            self._stored_logits = like.new_zeros(needed, like.shape[-1])
         elif len(stored) < needed:
-            stored = torch.cat([stored, stored.new_zeros(needed - len(stored), stored.shape[-1])])
-        stored[index] = log_q
-        self._stored_logits = stored
+            padding = stored.new_zeros(needed - len(stored), stored.shape[-1])
+            self._stored_logits = torch.cat([stored, padding])
+
+    def _store_logits(self, index, log_q) -> None:
+        self._grow_storage(int(index.max()) + 1, log_q)
+        self._stored_logits[index] = log_q
 
     # -- Pyro model and guides -------------------------------------------------------------------
     @pyro_method

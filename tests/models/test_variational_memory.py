@@ -11,6 +11,7 @@ from sklearn.metrics import adjusted_rand_score
 from sklearn.mixture import GaussianMixture
 
 from pyro_am.energies import GaussianMixtureEnergy
+from pyro_am.models.flow import assignment_flow
 from pyro_am.models.variational_memory import VariationalMemory, _fast_log_joint, elbo_gap_table
 
 
@@ -122,11 +123,10 @@ def test_fit_matches_sklearn_gaussian_mixture(scale, device):
     data, labels = _blobs(device)
     memory = VariationalMemory(3, 2, scale=scale, tol=1e-10, max_iter=500, reg_variance=1e-6)
     predicted = memory.fit(data).predict(data)
-    covariance = "spherical" if scale == "per_memory" else "tied"
     assert adjusted_rand_score(labels.numpy(), predicted.cpu().numpy()) > 0.95
     if scale == "per_memory":
         reference = GaussianMixture(
-            3, covariance_type=covariance, tol=1e-10, max_iter=500, random_state=0
+            3, covariance_type="spherical", tol=1e-10, max_iter=500, random_state=0
         ).fit(data.cpu().numpy())
         # Same model and likelihood at convergence of EM on well-separated blobs: the mean
         # log-likelihoods agree to the convergence tolerance.
@@ -223,3 +223,40 @@ def test_fit_rejects_bad_data():
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="X contains 1 NaN"):
         VariationalMemory(2, 2).fit(bad)
+
+
+def test_warm_start_continues_flow(device):
+    memory = _memory(device, flow_steps=1)
+    data, _ = _blobs(device, num_per_cluster=5)
+    exact = memory.assign(data, exact=True)
+    cold = memory.flow(data, warm_start=False).log_q.exp()
+    warm = memory.flow(data).log_q.exp()
+    # The second call starts where the first stopped, so it has taken two steps in total.
+    two_steps = memory.flow(data, warm_start=False, steps=2).log_q.exp()
+    torch.testing.assert_close(warm, two_steps)
+    assert (warm - exact).abs().max() < (cold - exact).abs().max()
+
+
+def test_fit_follows_float32_input(device):
+    data, labels = _blobs(device, dtype=torch.float32)
+    memory = VariationalMemory(3, 2).fit(data)
+    assert memory.locs.dtype == torch.float32
+    assert memory.locs.device.type == torch.device(device).type
+    predicted = memory.predict(data)
+    assert adjusted_rand_score(labels.numpy(), predicted.cpu().numpy()) > 0.95
+
+
+def test_guide_stores_logits_by_index(device):
+    memory = _memory(device, flow_steps=1)
+    data, _ = _blobs(device, num_per_cluster=4)
+    first, second = torch.arange(0, 6, device=device), torch.arange(6, 12, device=device)
+
+    def cold(x, steps):
+        return assignment_flow(memory.log_joint(x).detach(), steps=steps, step_size=0.5).log_q
+
+    memory.flow(data[:6], first)
+    # The second half is new: it starts from uniform although the first half is stored.
+    torch.testing.assert_close(memory.flow(data[6:], second).log_q, cold(data[6:], 1))
+    # Each half continues from its own stored logits: two steps in total.
+    torch.testing.assert_close(memory.flow(data[:6], first).log_q, cold(data[:6], 2))
+    torch.testing.assert_close(memory.flow(data[6:], second).log_q, cold(data[6:], 2))
