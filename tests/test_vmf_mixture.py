@@ -221,3 +221,26 @@ def test_spherical_kmeans_separates_clusters(device):
     torch.testing.assert_close(norms, torch.ones_like(norms))
     # kappa = 100 in D = 8: the clusters are far apart, so k-means labels them exactly.
     assert adjusted_rand_score(labels.cpu().numpy(), predicted.cpu().numpy()) == 1.0
+
+
+def test_em_stops_on_nan_and_keeps_parameters(monkeypatch):
+    import pyro_am.models.vmf_mixture as module
+
+    x, *_ = _planted("cpu", 4, [5.0, 8.0], [0.5, 0.5], 300, seed=6)
+    solve = module.solve_concentration
+    calls = []
+
+    def fails_after_initialization(*args):
+        # The first call is the initial M-step; the second, in EM iteration 0, returns NaN.
+        calls.append(1)
+        result = solve(*args)
+        return result if len(calls) == 1 else torch.full_like(result, float("nan"))
+
+    monkeypatch.setattr(module, "solve_concentration", fails_after_initialization)
+    model = VMFMixture(2, max_iter=5, tol=0.0, seed=0)
+    with pytest.raises(RuntimeError, match="iteration 0"):
+        model.fit(x)
+    assert bool(torch.isfinite(model.concentrations_).all())
+    assert bool((model.concentrations_ > 0).all())
+    assert len(model.log_likelihood_history_) == 1
+    assert math.isfinite(model.log_likelihood_history_[0])

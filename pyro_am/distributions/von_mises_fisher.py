@@ -37,10 +37,14 @@ def log_vmf_normalizer(dim: int, concentration: torch.Tensor) -> torch.Tensor:
     """
     nu = 0.5 * dim - 1
     log_uniform = math.lgamma(0.5 * dim) - math.log(2.0) - 0.5 * dim * math.log(math.pi)
-    zero = concentration == 0
-    safe = torch.where(zero, torch.ones_like(concentration), concentration)
+    # nu log(kappa) and log I_nu(kappa) nearly cancel at small kappa and large nu, so lower
+    # precisions are evaluated in float64 and rounded once at the end.
+    dtype = concentration.dtype
+    kappa = concentration if dtype == torch.float64 else concentration.to(torch.float64)
+    zero = kappa == 0
+    safe = torch.where(zero, torch.ones_like(kappa), kappa)
     value = nu * torch.log(safe) - 0.5 * dim * math.log(2 * math.pi) - log_bessel_iv(nu, safe)
-    return torch.where(zero, torch.full_like(value, log_uniform), value)
+    return torch.where(zero, torch.full_like(value, log_uniform), value).to(dtype)
 
 
 def mean_resultant_length(dim: int, concentration: torch.Tensor) -> torch.Tensor:
