@@ -15,7 +15,8 @@ datum's cluster is the memory nearest to its state after T steps of the unmasked
 This follows ClAM (B. Saha, D. Krotov, M. J. Zaki and P. Ram, "End-to-end differentiable clustering
 with associative memories", ICML 2023), which relaxes the discrete cluster assignment through AM
 dynamics and trains with a self-supervised pattern-completion loss. The step form, the defaults and
-the k-means++ initialization here are this library's choices, not taken from that paper.
+the k-means++ initialization (best of ``init_restarts`` seedings) here are this library's choices,
+not taken from that paper.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ class AMClustering:
     :param int batch_size: minibatch size; None uses the full batch.
     :param float tol: stop once the epoch's mean loss improves by less than ``tol`` (relative) over
         the best loss of the previous 10 epochs.
+    :param int init_restarts: number of k-means++ seedings drawn for the initial memories. The one
+        with the lowest sum of squared distances to the nearest memory is kept.
     :param int seed: seed of the initialization, the masks and the batch order.
     :param bool progress: show a progress bar.
     """
@@ -100,10 +103,11 @@ class AMClustering:
         steps: int = 5,
         mask_fraction: float = 0.2,
         step_size: float = 0.5,
-        learning_rate: float = 0.05,
+        learning_rate: float = 0.1,
         max_epochs: int = 100,
         batch_size: int | None = None,
         tol: float = 1e-4,
+        init_restarts: int = 5,
         seed: int = 0,
         progress: bool = False,
     ):
@@ -124,6 +128,7 @@ class AMClustering:
             batch_size = check_int("batch_size", batch_size, minimum=1)
         self.batch_size = batch_size
         self.tol = float(check_positive("tol", tol, allow_zero=True))
+        self.init_restarts = check_int("init_restarts", init_restarts, minimum=1)
         self.seed = check_int("seed", seed, minimum=0)
         self.progress = bool(progress)
         self.memories_: torch.Tensor | None = None
@@ -161,7 +166,7 @@ class AMClustering:
                 f"but is {self.num_memories}."
             )
         generator = torch.Generator(device=data.device).manual_seed(self.seed)
-        memories = kmeans_plus_plus(data, self.num_memories, generator).clone()
+        memories = self._initial_memories(data, generator)
         memories.requires_grad_(True)
         optimizer = torch.optim.Adam([memories], lr=self.learning_rate)
         batch_size = self.batch_size or num_data
@@ -194,6 +199,15 @@ class AMClustering:
             "AM clustering: %d epochs, final loss %.6g", self.n_iter_, self.loss_history_[-1]
         )
         return self
+
+    def _initial_memories(self, data, generator) -> torch.Tensor:
+        best_potential, best = math.inf, None
+        for _ in range(self.init_restarts):
+            candidate = kmeans_plus_plus(data, self.num_memories, generator)
+            potential = float(squared_distances(data, candidate).min(-1).values.sum())
+            if potential < best_potential:
+                best_potential, best = potential, candidate
+        return best.clone()
 
     def _stop_on_nan(self, epoch: int, reason: str, memories: torch.Tensor) -> None:
         self.memories_ = memories.clone()

@@ -81,6 +81,7 @@ def test_nan_loss_keeps_last_memories():
         ({"mask_fraction": 0.0}, "mask_fraction"),
         ({"mask_fraction": 1.0}, "mask_fraction"),
         ({"step_size": 0.6}, "step_size"),
+        ({"init_restarts": 0}, "init_restarts"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, name):

@@ -205,6 +205,7 @@ def test_nan_during_fit_keeps_last_parameters(tmp_path, device):
         ({"flow_step_size": -1.0}, "flow_step_size"),
         ({"scale": "full"}, "scale"),
         ({"m_step": "newton"}, "m_step"),
+        ({"init_restarts": 0}, "init_restarts"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, name):
