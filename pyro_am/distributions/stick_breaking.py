@@ -112,7 +112,7 @@ class BetaStickBreaking(TorchDistribution):
         # By independence of the sticks, E[w_k^p] = E[v_k^p] prod_{j<k} E[(1 - v_j)^p].
         stick, rest = self._stick_moments(power)
         survival = torch.cumprod(rest, dim=-1)
-        ones = torch.ones_like(survival[..., :1])
+        ones = survival.new_ones(survival.shape[:-1] + (1,))
         before = torch.cat([ones, survival], dim=-1)
         return before * torch.cat([stick, ones], dim=-1)
 
@@ -134,8 +134,9 @@ class BetaStickBreaking(TorchDistribution):
         digamma_total = torch.digamma(a + b)
         log_stick = torch.digamma(a) - digamma_total
         log_rest = torch.digamma(b) - digamma_total
-        before = torch.cat([torch.zeros_like(log_rest[..., :1]), log_rest.cumsum(-1)], dim=-1)
-        return before + torch.cat([log_stick, torch.zeros_like(log_stick[..., :1])], dim=-1)
+        zeros = log_rest.new_zeros(log_rest.shape[:-1] + (1,))
+        before = torch.cat([zeros, log_rest.cumsum(-1)], dim=-1)
+        return before + torch.cat([log_stick, zeros], dim=-1)
 
     # -- sampling and density --------------------------------------------------------------------
     def rsample(self, sample_shape=()) -> torch.Tensor:

@@ -9,8 +9,10 @@ uninterrupted run would.
 Structural changes happen in CAVI after each global step. Memories whose expected weight falls
 below ``prune_threshold`` are removed and the sticks are refitted to the remaining counts. When
 the last memory's expected weight exceeds ``grow_threshold``, the truncation might hide further
-memories, so one memory is appended, initialized at the posterior mean of mu given the datum with
-the lowest ELBO term (the worst-explained datum).
+memories, so a birth is proposed: a memory seeded at the datum with the lowest ELBO term (the
+worst-explained datum) takes every datum closer to it than to its current memory. When the ELBO
+stalls, merges of the closest pairs of memories are proposed. Births and merges are kept only if
+they raise the ELBO, and a rejected kind of proposal waits ``_RETRY_AFTER`` iterations.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ _SVI_WINDOW = 50
 # Merges are proposed when the relative ELBO change of an iteration falls below this.
 _MERGE_STALL = 1e-4
 _MERGE_CANDIDATES = 5
+# A rejected birth or merge proposal is retried after this many iterations.
+_RETRY_AFTER = 10
 
 
 def _new_record(method: str, num_memories: int) -> dict:
@@ -43,10 +47,9 @@ def _new_record(method: str, num_memories: int) -> dict:
         "num_created": 0,
         "num_pruned": 0,
         "converged": False,
-        "born": [False] * num_memories,
-        "growth_suspended": False,
         "num_merged": 0,
-        "merge_rejected_at": -1,
+        "merge_rejected_at": -(10**9),
+        "birth_rejected_at": -(10**9),
     }
 
 
@@ -91,72 +94,64 @@ def load_checkpoint(memory, path, method: str) -> dict | None:
     return record
 
 
-def _restructure(memory, posterior, step, x, prior, record, iteration):
-    """Prune memories with small expected weight, then grow the truncation by one if needed."""
-    changed = False
-    counts = step.counts
+def _prune(memory, posterior, step, prior, record, iteration):
+    """Remove the memories whose expected weight is below the threshold; refit the sticks."""
     weights = posterior.sticks().mean
     keep = weights >= memory.prune_threshold
     if not bool(keep.any()):
         keep[weights.argmax()] = True
-    if not bool(keep.all()):
-        for index in (~keep).nonzero().flatten().tolist():
-            weight = float(weights[index])
-            logger.info(
-                "iteration %d: pruned memory %d (expected weight %.3g)", iteration, index, weight
-            )
-            record["events"].append(
-                {"iteration": iteration, "kind": "pruned", "memory": index, "weight": weight}
-            )
-            record["num_pruned"] += 1
-            if record["born"][index]:
-                # A memory created by growth attracted no data, so no datum is explained better
-                # by a new memory, and growth stops for the rest of this fit.
-                record["growth_suspended"] = True
-        record["born"] = [
-            born for born, kept in zip(record["born"], keep.tolist(), strict=True) if kept
-        ]
-        posterior = posterior.select(keep, counts, prior)
-        counts = counts[keep]
-        changed = True
-
-    last_weight = float(posterior.sticks().mean[-1])
-    can_grow = posterior.num_memories < memory.max_truncation and not record["growth_suspended"]
-    if can_grow and last_weight > memory.grow_threshold:
-        worst = int(step.log_normalizers.argmin())
-        if prior.per_memory:
-            new_row = prior.empty_memory_variance(x)
-        else:
-            new_row = posterior.variance
-        loc, scale = cavi.new_memory_posterior(x[worst], new_row, prior)
-        counts = torch.cat([counts, counts.new_zeros(1)])
-        concentration1, concentration0 = cavi.update_sticks(counts, prior)
-        variance = posterior.variance
-        if prior.per_memory:
-            variance = torch.cat([variance, new_row])
-        posterior = cavi.Posterior(
-            concentration1,
-            concentration0,
-            torch.cat([posterior.memory_loc, loc[None]]),
-            torch.cat([posterior.memory_scale, scale[None]]),
-            variance,
-        )
-        index = posterior.num_memories - 1
-        weight = float(posterior.sticks().mean[-1])
+    if bool(keep.all()):
+        return posterior, False
+    for index in (~keep).nonzero().flatten().tolist():
+        weight = float(weights[index])
         logger.info(
-            "iteration %d: created memory %d (last weight %.3g exceeded %.3g)",
-            iteration,
-            index,
-            last_weight,
-            memory.grow_threshold,
+            "iteration %d: pruned memory %d (expected weight %.3g)", iteration, index, weight
         )
         record["events"].append(
-            {"iteration": iteration, "kind": "created", "memory": index, "weight": weight}
+            {"iteration": iteration, "kind": "pruned", "memory": index, "weight": weight}
         )
-        record["num_created"] += 1
-        record["born"].append(True)
-        changed = True
-    return posterior, changed
+        record["num_pruned"] += 1
+    return posterior.select(keep, step.counts, prior), True
+
+
+def _propose_birth(posterior, step, x, x_squared, total_x_squared, prior, elbo, with_squares):
+    """Propose one new memory at the worst-explained datum and keep it if the ELBO rises.
+
+    The datum with the lowest ELBO term seeds the memory. Every datum closer to it than to the
+    mean of its most responsible memory moves to the new memory, and one global and one local
+    step follow. Accepted births therefore never lower the ELBO.
+
+    :returns: ``(posterior, step, elbo)`` of the accepted birth, or None.
+    """
+    worst = int(step.log_normalizers.argmin())
+    own = (x - posterior.memory_loc[step.responsibilities.argmax(-1)]).square().sum(-1)
+    moved = (x - x[worst]).square().sum(-1) < own
+    moved[worst] = True
+    responsibilities = step.responsibilities.masked_fill(moved.unsqueeze(-1), 0.0)
+    responsibilities = torch.cat([responsibilities, moved.unsqueeze(-1).to(x.dtype)], dim=-1)
+    statistics = cavi.LocalStep(
+        responsibilities,
+        None,
+        responsibilities.sum(0),
+        responsibilities.T @ x,
+        responsibilities.T @ x_squared if with_squares else None,
+    )
+    variance = posterior.variance
+    if prior.per_memory:
+        variance = torch.cat([variance, prior.empty_memory_variance(x)])
+    extended = cavi.Posterior(
+        posterior.stick_concentration1,
+        posterior.stick_concentration0,
+        posterior.memory_loc,
+        posterior.memory_scale,
+        variance,
+    )
+    born = cavi.global_step(statistics, total_x_squared, x.shape[0], extended, prior)
+    born_step = cavi.local_step(x, x_squared, born, with_squares)
+    born_elbo = float(born_step.log_normalizers.sum() + cavi.global_terms(born, prior))
+    if born_elbo > elbo:
+        return born, born_step, born_elbo
+    return None
 
 
 def _propose_merge(posterior, step, x, x_squared, total_x_squared, prior, elbo):
@@ -200,6 +195,22 @@ def _propose_merge(posterior, step, x, x_squared, total_x_squared, prior, elbo):
     return None
 
 
+def _record_birth(record, iteration, posterior, last_weight, memory) -> None:
+    index = posterior.num_memories - 1
+    weight = float(posterior.sticks().mean[-1])
+    logger.info(
+        "iteration %d: created memory %d (last weight %.3g exceeded %.3g)",
+        iteration,
+        index,
+        last_weight,
+        memory.grow_threshold,
+    )
+    record["events"].append(
+        {"iteration": iteration, "kind": "created", "memory": index, "weight": weight}
+    )
+    record["num_created"] += 1
+
+
 def _record_merge(record, iteration, j, k, posterior) -> None:
     kept = j if j < k else j - 1
     weight = float(posterior.sticks().mean[kept])
@@ -208,10 +219,6 @@ def _record_merge(record, iteration, j, k, posterior) -> None:
         {"iteration": iteration, "kind": "merged", "memory": k, "into": j, "weight": weight}
     )
     record["num_merged"] += 1
-    if record["born"][k]:
-        # As for pruning: a created memory that is merged away explained no datum on its own.
-        record["growth_suspended"] = True
-    record["born"] = [born for index, born in enumerate(record["born"]) if index != k]
 
 
 def _shift(posterior: cavi.Posterior, offset: torch.Tensor) -> cavi.Posterior:
@@ -250,7 +257,7 @@ def fit_cavi(memory, data, *, max_iter, tol, progress, checkpoint, checkpoint_ev
         while record["iteration"] < max_iter and not record["converged"]:
             iteration = record["iteration"] + 1
             candidate = cavi.global_step(step, total_x_squared, num_data, posterior, prior)
-            candidate, changed = _restructure(memory, candidate, step, x, prior, record, iteration)
+            candidate, changed = _prune(memory, candidate, step, prior, record, iteration)
             candidate_step = cavi.local_step(x, x_squared, candidate, with_squares)
             elbo = float(candidate_step.log_normalizers.sum() + cavi.global_terms(candidate, prior))
             if not math.isfinite(elbo):
@@ -260,8 +267,21 @@ def fit_cavi(memory, data, *, max_iter, tol, progress, checkpoint, checkpoint_ev
                 )
             posterior, step = candidate, candidate_step
             previous = record["elbo"][-1] if record["elbo"] else None
+            last_weight = float(posterior.sticks().mean[-1])
+            can_grow = posterior.num_memories < memory.max_truncation
+            if can_grow and last_weight > memory.grow_threshold:
+                if record["birth_rejected_at"] < iteration - _RETRY_AFTER:
+                    birth = _propose_birth(
+                        posterior, step, x, x_squared, total_x_squared, prior, elbo, with_squares
+                    )
+                    if birth is None:
+                        record["birth_rejected_at"] = iteration
+                    else:
+                        posterior, step, elbo = birth
+                        _record_birth(record, iteration, posterior, last_weight, memory)
+                        changed = True
             stalled = previous is not None and _relative_change(elbo, previous) < _MERGE_STALL
-            if stalled and not changed and record["merge_rejected_at"] < iteration - 10:
+            if stalled and not changed and record["merge_rejected_at"] < iteration - _RETRY_AFTER:
                 merge = _propose_merge(posterior, step, x, x_squared, total_x_squared, prior, elbo)
                 if merge is None:
                     record["merge_rejected_at"] = iteration

@@ -459,6 +459,9 @@ class DPMemory(PyroModule):
         weights = pyro.sample(
             "weights", StickBreakingWeights(concentration, truncation, self.discount)
         )
+        if weights.dim() > 1 and weights.shape[:-1].numel() == 1:
+            # Predictive replays guide draws with singleton batch dimensions.
+            weights = weights.reshape(truncation)
         prior_mean = self.prior_mean.to(loc)
         prior_scale = self.prior_scale.to(loc)
         with pyro.plate("memories", truncation, dim=-1):

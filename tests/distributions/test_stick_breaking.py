@@ -224,3 +224,10 @@ def test_svi_matches_conjugate_posterior():
         svi.step()
     posterior = BetaStickBreaking(pyro.param("a").detach(), pyro.param("b").detach())
     assert torch.allclose(posterior.mean, exact.mean, atol=0.02)
+
+
+def test_truncation_one_moments():
+    prior = StickBreakingWeights(torch.tensor(1.0, dtype=torch.float64), 1)
+    assert torch.equal(prior.mean, torch.ones(1, dtype=torch.float64))
+    assert torch.equal(prior.variance, torch.zeros(1, dtype=torch.float64))
+    assert torch.equal(prior.expected_log_weights(), torch.zeros(1, dtype=torch.float64))
