@@ -167,9 +167,10 @@ def attention_vmf_mixture(
 ) -> AttentionMixture:
     """Build the vMF mixture whose responsibilities equal ``softmax_j(scale q.k_j)``.
 
-    The query is ``q = W_Q y + b_Q`` with ``y = gain * Norm(x) + bias`` (eps = 0), or ``y = u`` for
-    ``norm="none"``. The responsibilities of the result at ``normalize_queries(x, norm)`` are the
-    attention weights, for every query at once.
+    The query is ``q = W_Q y + b_Q`` with ``y = gain * r u + bias``, where ``u`` is
+    ``normalize_queries(x, norm)``, ``r = sqrt(D)`` for LayerNorm and RMSNorm (eps = 0) and
+    ``r = 1`` for ``norm="none"``. The responsibilities of the result at ``u`` are the attention
+    weights, for every query at once.
 
     :param torch.Tensor keys: keys k_j of shape (..., N, d_k).
     :param scale: the attention scale s > 0 (``1 / sqrt(d_k)`` in scaled dot-product attention).
