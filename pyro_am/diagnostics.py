@@ -34,7 +34,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer import Predictive
-from pyro.poutine.util import site_is_subsample
+from pyro.poutine.util import site_is_factor, site_is_subsample
 
 from pyro_am._validation import check_int
 
@@ -94,10 +94,14 @@ def _single_trace(model, model_args, model_kwargs, draws: Mapping[str, torch.Ten
 
 def _observed_sites(trace) -> dict[str, torch.Tensor]:
     # Call it on an unconditioned trace: poutine.condition marks conditioned latents as observed.
+    # pyro.factor sites are observed sites too, but they carry no data.
     return {
         name: site["value"]
         for name, site in trace.nodes.items()
-        if site["type"] == "sample" and site["is_observed"] and not name.startswith("_")
+        if site["type"] == "sample"
+        and site["is_observed"]
+        and not site_is_factor(site)
+        and not name.startswith("_")
     }
 
 
@@ -414,7 +418,21 @@ def from_mcmc(
     return inference_data
 
 
-def _mixture_log_likelihood(data: torch.Tensor, noise_scale: torch.Tensor):
+def _noise_scale_dims(memory) -> list[str]:
+    """Name the dims of ``memory.scale``: (), (D,), (K,) or (K, D) by the memory's settings."""
+    per_memory = getattr(memory, "per_memory_scale", False)
+    diagonal = memory.covariance == "diagonal"
+    return (["memory"] if per_memory else []) + (["dim"] if diagonal else [])
+
+
+def _full_noise_scale(noise_scale: torch.Tensor, dims: list[str], shape) -> torch.Tensor:
+    """Broadcast a noise scale with the given dims to the (K, D) shape of the memories."""
+    if dims == ["memory"]:
+        noise_scale = noise_scale.unsqueeze(-1)
+    return noise_scale.expand(shape)
+
+
+def _mixture_log_likelihood(data: torch.Tensor, scales: torch.Tensor):
     from pyro_am.distributions import GaussianMixture
 
     def log_likelihood(draws: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -422,9 +440,6 @@ def _mixture_log_likelihood(data: torch.Tensor, noise_scale: torch.Tensor):
         tiny = torch.finfo(weights.dtype).tiny
         values = []
         for index in range(weights.shape[0]):
-            scales = noise_scale
-            if scales.dim() == 1:
-                scales = scales.expand_as(memories[index])
             mixture = GaussianMixture(
                 memories[index], scales, logits=weights[index].clamp_min(tiny).log()
             )
@@ -450,7 +465,8 @@ def to_inference_data(
     the memories (chain, draw, memory, dim). ``log_likelihood["obs"]`` is the mixture density
     ``log sum_k w_k N(x_n; mu_k, s^2)`` of each point at each draw, with the assignment summed out
     whatever the memory's ``assignment`` setting. The noise scale s is a point estimate, so it is
-    stored in ``constant_data`` rather than drawn. With ``fit_result`` the ELBO trace goes to
+    stored in ``constant_data`` rather than drawn, with dims ``memory`` when each memory has its
+    own scale and ``dim`` for a diagonal covariance. With ``fit_result`` the ELBO trace goes to
     group ``vi_trace``, whose attrs record the method, iterations, convergence and the numbers of
     memories created and pruned.
 
@@ -480,6 +496,8 @@ def to_inference_data(
         pyro.set_rng_seed(seed)
 
     noise_scale = memory.scale.detach().to(like)
+    scale_dims = _noise_scale_dims(memory)
+    full_scale = _full_noise_scale(noise_scale, scale_dims, (memory.truncation, memory.dim))
     coords = {
         "memory": np.arange(memory.truncation),
         "dim": np.asarray(feature_names) if feature_names is not None else np.arange(memory.dim),
@@ -489,12 +507,12 @@ def to_inference_data(
         "weights": ["memory"],
         "locs": ["memory", "dim"],
         "obs": ["observation", "dim"],
-        "noise_scale": [] if noise_scale.dim() == 0 else ["dim"],
+        "noise_scale": scale_dims,
     }
     draws = draw_from_guide(memory.guide, (data,), num_samples=num_samples, parallel=False)
     groups = {
         "posterior": _chain_major(draws, 1),
-        "log_likelihood": _chain_major(_mixture_log_likelihood(data, noise_scale)(draws), 1),
+        "log_likelihood": _chain_major(_mixture_log_likelihood(data, full_scale)(draws), 1),
         "observed_data": {"obs": _to_numpy(data)},
         "constant_data": {"noise_scale": _to_numpy(noise_scale)},
     }

@@ -237,8 +237,7 @@ def test_from_mcmc_works_with_arviz_functions(data, mcmc_two_chains):
     plt.close("all")
 
 
-@pytest.fixture
-def fitted_memory(device):
+def fit_three_blobs(device, **options):
     from pyro_am.models import DPMemory
 
     generator = torch.Generator().manual_seed(2)
@@ -246,9 +245,14 @@ def fitted_memory(device):
     labels = torch.arange(3).repeat_interleave(40)
     data = centres[labels] + 0.5 * torch.randn(120, 2, generator=generator, dtype=torch.float64)
     data = data.to(device)
-    memory = DPMemory(2, truncation=6, prior_scale=4.0)
+    memory = DPMemory(2, truncation=6, prior_scale=4.0, **options)
     result = memory.fit(data, method="cavi", max_iter=100, progress=False, seed=0)
     return memory, result, data
+
+
+@pytest.fixture
+def fitted_memory(device):
+    return fit_three_blobs(device)
 
 
 def test_to_inference_data_groups_and_dims(fitted_memory):
@@ -273,20 +277,31 @@ def test_to_inference_data_groups_and_dims(fitted_memory):
     assert idata.vi_trace.attrs["num_created"] == result.num_created
 
 
-def test_to_inference_data_log_likelihood_matches_scipy(fitted_memory):
+@pytest.mark.parametrize("covariance", ["isotropic", "diagonal"])
+@pytest.mark.parametrize("per_memory_scale", [False, True])
+def test_to_inference_data_log_likelihood_matches_scipy(device, covariance, per_memory_scale):
     from scipy.special import logsumexp
 
     from pyro_am.diagnostics import to_inference_data
 
-    memory, result, data = fitted_memory
+    memory, _, data = fit_three_blobs(
+        device, covariance=covariance, per_memory_scale=per_memory_scale
+    )
     idata = to_inference_data(memory, data, num_samples=5, posterior_predictive=False, seed=0)
     weights = idata.posterior["weights"].values[0]
     memories = idata.posterior["locs"].values[0]
-    scale = float(memory.scale)
+    scale = memory.scale.cpu().numpy()
+    if per_memory_scale and covariance == "isotropic":
+        scale = scale[:, None]
+    scale = np.broadcast_to(scale, memories.shape[1:])
+    # ArviZ stores a scalar as an array of shape (1,), so compare the values.
+    stored = idata.constant_data["noise_scale"].values
+    np.testing.assert_allclose(stored.reshape(memory.scale.shape), memory.scale.cpu().numpy())
     x = data.cpu().numpy()
 
     for draw in range(5):
-        component = scipy.stats.norm.logpdf(x[:, None, :], memories[draw][None], scale).sum(-1)
+        component = scipy.stats.norm.logpdf(x[:, None, :], memories[draw][None], scale[None])
+        component = component.sum(-1)
         expected = logsumexp(np.log(weights[draw]) + component, axis=1)
         # float64 throughout; GEMM-form distances lose ~1e-12 relative accuracy here.
         np.testing.assert_allclose(idata.log_likelihood["obs"].values[0, draw], expected, rtol=1e-8)

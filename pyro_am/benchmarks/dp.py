@@ -8,14 +8,20 @@ Fits. :class:`~pyro_am.models.DPMemory` by coordinate ascent (CAVI) and
 :class:`sklearn.mixture.BayesianGaussianMixture` with
 ``weight_concentration_prior_type="dirichlet_process"``, both with the same truncation, stick
 concentration, ``max_iter`` and ``tol`` and the closest covariance type (``isotropic`` with
-``spherical``, ``diagonal`` with ``diag``). The models differ in two ways. The DP memory shares one
-noise variance across memories, while scikit-learn learns one per component with a Wishart-type
-prior. The DP memory stops on the relative change of the ELBO, and scikit-learn on the absolute
-change of the per-sample lower bound. The other priors are each library's default. Reported per model: the wall time of the fit (the
-median over ``repeats``), the held-out log likelihood per point, the adjusted Rand index of the
-held-out assignments against the blob labels, and the number of memories whose weight exceeds
-``weight_threshold``. scikit-learn's held-out score is ``score(X)``, the mixture density at the
-variational point estimates; the DP memory's is ``log_predictive``.
+``spherical``, ``diagonal`` with ``diag``). Both learn one noise scale per memory with a
+conjugate prior worth D pseudo-data at the data's variance, which is scikit-learn's default. The
+DP memory takes the mean variance over coordinates, where scikit-learn's ``diag`` prior takes each
+coordinate's own. ``--shared-scale`` gives the DP memory one scale shared by all memories instead.
+The DP memory's prior on the memories is the distribution of the centres, N(0, 3^2 I), while
+scikit-learn's is its default, centred on the data mean with the component's own covariance. The
+DP memory stops on the relative change of the ELBO, and scikit-learn on the absolute change of
+the per-sample lower bound.
+
+Reported per model: the wall time of the fit (the median over ``repeats``), the held-out log
+likelihood per point, the adjusted Rand index of the held-out assignments against the blob labels,
+and the number of memories whose weight exceeds ``weight_threshold``. scikit-learn's held-out
+score is ``score(X)``, the mixture density at the variational point estimates. The DP memory's is
+``log_predictive``, the posterior predictive density under its variational posterior.
 
 SVI step. One ``SVI.step`` (model and guide, ``Trace_ELBO``, ``Adam``) of a truncated
 stick-breaking mixture on the ``num_train`` points, timed with the likelihood written as
@@ -85,6 +91,9 @@ def run_dp_memory(train, held_out, held_out_labels, config, device, dtype):
 
     x = torch.as_tensor(train, dtype=dtype, device=device)
     y = torch.as_tensor(held_out, dtype=dtype, device=device)
+    per_memory = not config["shared_scale"]
+    # scikit-learn's default covariance prior: D pseudo-data at the data's mean variance.
+    scale_prior = (config["dim"], float(np.sqrt(train.var(axis=0).mean()))) if per_memory else None
 
     def fit():
         pyro.set_rng_seed(config["seed"])
@@ -94,6 +103,8 @@ def run_dp_memory(train, held_out, held_out_labels, config, device, dtype):
             concentration=config["concentration"],
             prior_scale=CENTRE_SCALE,
             covariance=config["covariance"],
+            per_memory_scale=per_memory,
+            scale_prior=scale_prior,
         )
         result = model.fit(
             x, method="cavi", max_iter=config["max_iter"], tol=config["tol"], progress=False
@@ -320,6 +331,7 @@ def run(args) -> int:
         "truncation": args.truncation,
         "concentration": args.concentration,
         "covariance": args.covariance,
+        "shared_scale": args.shared_scale,
         "max_iter": args.max_iter,
         "tol": args.tol,
         "weight_threshold": args.weight_threshold,
@@ -344,13 +356,20 @@ def register(subparsers) -> None:
             "and time one SVI step with two mixture likelihoods."
         ),
     )
+
     parser.add_argument("--num-train", type=int, default=20000, help="training points")
     parser.add_argument("--num-held-out", type=int, default=4000, help="held-out points")
     parser.add_argument("--dim", type=int, default=16, help="dimension D")
     parser.add_argument("--num-blobs", type=int, default=10, help="number of Gaussian blobs")
     parser.add_argument("--truncation", type=int, default=30, help="stick-breaking truncation K")
+
     parser.add_argument("--concentration", type=float, default=1.0, help="DP concentration")
     parser.add_argument("--covariance", choices=tuple(COVARIANCES), default="isotropic")
+    parser.add_argument(
+        "--shared-scale",
+        action="store_true",
+        help="give the DP memory one noise scale shared by all memories (default: one each)",
+    )
     parser.add_argument("--max-iter", type=int, default=200, help="iterations of each fit")
     parser.add_argument(
         "--tol", type=float, default=1e-6, help="convergence tolerance passed to both fits"
@@ -361,9 +380,11 @@ def register(subparsers) -> None:
         default=1e-2,
         help="a memory counts when its weight exceeds this (default: %(default)s)",
     )
+
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the fits")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", metavar="JSON", help="write the report to this JSON file")
+
     parser.set_defaults(handler=run)

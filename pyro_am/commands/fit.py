@@ -124,6 +124,9 @@ def build_memory(train: torch.Tensor, settings: dict):
         prior_mean=prior_mean,
         prior_scale=max(prior_scale, 1e-6),
         covariance=settings["covariance"],
+        per_memory_scale=settings["per_memory_scale"],
+        # A memory with few data falls back to a variance of sigma0^2, so sigma0 is the data scale.
+        scale_prior=(train.shape[1], prior_scale) if settings["per_memory_scale"] else None,
     )
 
 
@@ -401,6 +404,7 @@ def run(args) -> int:
         "concentration": args.concentration,
         "discount": args.discount,
         "covariance": args.covariance,
+        "per_memory_scale": args.per_memory_scale,
         "method": args.method,
         "max_iter": args.max_iter,
         "seed": args.seed,
@@ -510,7 +514,17 @@ def register(subparsers) -> None:
     model.add_argument(
         "--discount", type=float, default=0.0, help="Pitman-Yor discount d in [0, 1); 0 is the DP"
     )
-    model.add_argument("--covariance", choices=COVARIANCES, default="isotropic")
+    model.add_argument(
+        "--covariance",
+        choices=COVARIANCES,
+        default="isotropic",
+        help="noise covariance of each memory: s^2 I (isotropic, the default) or diagonal",
+    )
+    model.add_argument(
+        "--per-memory-scale",
+        action="store_true",
+        help="learn one noise scale per memory instead of one shared by all memories",
+    )
 
     fitting = parser.add_argument_group("fitting")
     fitting.add_argument("--method", choices=METHODS, default="cavi")

@@ -63,11 +63,12 @@ def test_fit_metrics_match_saved_model(tmp_path):
 
 
 def test_fit_inference_data_reads_back(tmp_path):
-    status, out = run_fit(tmp_path, "--dataset", "wine", "--truncation", "6")
+    status, out = run_fit(tmp_path, "--dataset", "wine", "--truncation", "6", "--per-memory-scale")
     assert status == 0
 
     idata = az.from_netcdf(str(out / "inference_data.nc"), engine="h5netcdf")
     assert idata.posterior["locs"].sizes["dim"] == 13
+    assert idata.constant_data["noise_scale"].dims == ("memory",)
     assert idata.log_likelihood["obs"].sizes["observation"] == 142
     assert np.isfinite(idata.log_likelihood["obs"].values).all()
     assert idata.vi_trace["elbo"].sizes["iteration"] == idata.vi_trace.attrs["iterations"]
