@@ -9,23 +9,23 @@ normalization taken as the projection onto the unit sphere (RMSNorm without gain
     a_i = sum_j softmax_j(beta u_i.u_j) u_j
     u_i <- normalize(u_i + a_i)      (residual, the default)   or   normalize(a_i)   (--no-residual)
 
-Each layer is one step of blurring mean shift with a vMF kernel of concentration beta: every token
-moves towards the posterior mean of the vMF mixture centred on the current tokens, so tokens of a
-component contract towards a common point. After every layer the tokens are clustered by a
-readout that knows no K: single-linkage clusters of tokens closer than ``--merge-angle`` radians
-(connected components of that graph).
+Each layer is one step of blurring mean shift with a vMF kernel of concentration beta. Every
+token moves towards the posterior mean of the vMF mixture centred on the current tokens, so the
+tokens of a component contract towards a common point. After every layer a readout that is not
+given K clusters the tokens: single-linkage clusters of tokens closer than ``--merge-angle``
+radians (connected components of that graph).
 
-The inverse temperature matters: a token's logit with itself is beta, and with another token of
+The inverse temperature matters. A token's logit with itself is beta, and with another token of
 its component about ``beta A_D(kappa)^2`` (A_D the mean resultant length), so if beta is too large
 each token attends only to itself and never moves. The default ``--beta auto`` balances the two,
-``exp(beta (1 - A_D^2)) = N / K``, so ``beta = log(N / K) / (1 - A_D(kappa)^2)``; it uses the true
+``exp(beta (1 - A_D^2)) = N / K``, so ``beta = log(N / K) / (1 - A_D(kappa)^2)``. It uses the true
 kappa and K, as an oracle. ``--beta kappa`` uses the concentration itself, and a number fixes beta.
 
-Reported per (D, kappa): the adjusted Rand index (ARI) of
-that readout against the true components after every layer, the number of clusters it finds, and
-the ARI of spherical k-means with the true K on the final tokens. Two baselines see the raw tokens
-and the true K: spherical k-means and the vMF mixture fitted by EM
-(:class:`~pyro_am.models.vmf_mixture.VMFMixture`). Numbers are means over seeds.
+Reported per (D, kappa): the adjusted Rand index (ARI) of that readout against the true components
+after every layer, the number of clusters it finds, and the ARI of spherical k-means with the true
+K on the final tokens. Two baselines see the raw tokens and the true K: spherical k-means and the
+vMF mixture fitted by EM (:class:`~pyro_am.models.vmf_mixture.VMFMixture`). Numbers are means over
+seeds.
 """
 
 from __future__ import annotations
