@@ -9,10 +9,11 @@ uninterrupted run would.
 Structural changes happen in CAVI after each global step. Memories whose expected weight falls
 below ``prune_threshold`` are removed and the sticks are refitted to the remaining counts. When
 the last memory's expected weight exceeds ``grow_threshold``, the truncation might hide further
-memories, so a birth is proposed: a memory seeded at the datum with the lowest ELBO term (the
-worst-explained datum) takes every datum closer to it than to its current memory. When the ELBO
-stalls, merges of the closest pairs of memories are proposed. Births and merges are kept only if
-they raise the ELBO, and a rejected kind of proposal waits ``_RETRY_AFTER`` iterations.
+memories, so a birth is proposed. The new memory is seeded at the datum with the lowest ELBO
+term (the worst-explained datum) and takes every datum closer to it than to its current memory.
+When the ELBO stalls, merges of the closest pairs of memories are proposed. Births and merges
+are kept only if they raise the ELBO, and a rejected kind of proposal waits ``_RETRY_AFTER``
+iterations.
 """
 
 from __future__ import annotations

@@ -71,7 +71,8 @@ class DPFitResult:
     :ivar int num_merged: memories removed by an accepted merge into another memory.
     :ivar list events: one dict per structural change, with keys ``"iteration"``, ``"kind"``
         (``"created"``, ``"pruned"`` or ``"merged"``), ``"memory"`` (its index at that time) and
-        ``"weight"`` (its expected weight; for a merge, that of the memory it merged ``"into"``).
+        ``"weight"`` (its expected weight). A merge also has ``"into"``, the index of the memory
+        that absorbed it, and its weight is that memory's weight after the merge.
     :ivar str method: ``"cavi"`` or ``"svi"``.
     :ivar float wall_time: seconds spent in this call.
     """
@@ -139,9 +140,12 @@ class CRPEnergy(GaussianMixtureEnergy):
 class DPMemory(PyroModule):
     """Gaussian mixture memory with a truncated stick-breaking (DP or Pitman-Yor) prior.
 
-    The memories are the posterior means of the mixture components; the number in use is learned,
-    because memories whose expected weight falls below ``prune_threshold`` are removed and the
-    truncation grows while the last memory holds more than ``grow_threshold`` of the weight.
+    The memories are the posterior means of the mixture components, and the number in use is
+    learned. Coordinate ascent removes memories whose expected weight falls below
+    ``prune_threshold``, proposes a new memory while the last memory has more than
+    ``grow_threshold`` of the weight, and proposes merges of close memories when the ELBO stalls.
+    Births and merges are kept only if they raise the ELBO. :meth:`log_predictive` is the
+    posterior predictive density under the variational posterior, not a plug-in estimate.
     :meth:`model` and :meth:`guide` are Pyro callables for SVI, :class:`pyro.infer.Predictive` and
     autoguides (the assignment is marginalized, so every latent site is continuous)::
 
@@ -352,8 +356,10 @@ class DPMemory(PyroModule):
             )
 
     def _noise_scale(self) -> torch.Tensor:
-        """The noise standard deviation, differentiable, of shape () or (D,) (shared) or (K,) or
-        (K, D) (per memory)."""
+        """Return the differentiable noise standard deviation.
+
+        Its shape is () or (D,) when shared by the memories and (K,) or (K, D) per memory.
+        """
         if self.learn_scale:
             return self.noise_scale
         return self.fixed_scale.to(self.memory_loc.detach())
@@ -621,9 +627,10 @@ class DPMemory(PyroModule):
         memory are then updated in closed form, and the sticks are refitted to the counts after
         the batch. On a memory that has seen no data, the first datum creates the first memory.
 
-        NOTE: the noise variance stays at its current value (learned by :meth:`fit`, or fixed);
-        streaming does not update it, because a variance estimated from the first few data
-        collapses.
+        NOTE: the noise variance stays at its current value, learned by :meth:`fit` or fixed.
+        Streaming does not update it, because a variance estimated from the first few data
+        collapses. A memory created here with ``per_memory_scale=True`` gets variance
+        ``sigma0^2`` from ``scale_prior``.
 
         :param batch: data of shape (B, D).
         :returns: the index of the memory each datum joined, shape (B,), int64.
