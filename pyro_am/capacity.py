@@ -45,7 +45,6 @@ from pyro_am._validation import (
     check_memories,
     check_positive,
 )
-from pyro_am.dynamics import retrieve
 from pyro_am.energies import GaussianKDEEnergy
 
 logger = logging.getLogger(__name__)
@@ -173,14 +172,17 @@ def _ball_radius(ball_radius, bandwidth: float) -> float:
 class StoredPatterns:
     """Outcome of :func:`stored_patterns`; every tensor has the patterns on its first axis.
 
-    :ivar torch.Tensor stored: the verdict, shape (N,), bool: the conjunction of ``disjoint``,
-        ``self_mapped``, ``converged``, ``agreed`` and ``inside``.
-    :ivar torch.Tensor fixed_points: the point reached from ``x_i``, shape (N, D).
+    :ivar torch.Tensor stored: the verdict, shape (N,), bool: ``disjoint``, ``self_mapped``,
+        ``converged``, ``agreed`` and ``inside`` all hold and ``escaped`` does not.
+    :ivar torch.Tensor fixed_points: the point reached from ``x_i`` (where iteration stopped, for
+        a pattern that escaped or did not converge), shape (N, D).
     :ivar torch.Tensor distances: ``|x_i* - x_i|``, shape (N,).
     :ivar float ball_radius: the radius rho of every ball ``B_i``.
     :ivar torch.Tensor nearest_distances: distance from ``x_i`` to its nearest other pattern.
     :ivar torch.Tensor disjoint: ``B_i`` is disjoint from every other ball (``2 rho < d_i``).
     :ivar torch.Tensor self_mapped: one step of F from each boundary start stays in ``B_i``.
+    :ivar torch.Tensor escaped: some iterate of some start left ``B_i``, which shows that F does
+        not map ``B_i`` into itself; iteration of that pattern's starts stopped there.
     :ivar torch.Tensor converged: every start's last step moved less than ``tol``.
     :ivar torch.Tensor agreed: every start ended within ``agreement * rho`` of ``x_i*``.
     :ivar torch.Tensor inside: ``x_i*`` lies in ``B_i``.
@@ -196,6 +198,7 @@ class StoredPatterns:
     nearest_distances: torch.Tensor
     disjoint: torch.Tensor
     self_mapped: torch.Tensor
+    escaped: torch.Tensor
     converged: torch.Tensor
     agreed: torch.Tensor
     inside: torch.Tensor
@@ -226,11 +229,14 @@ def stored_patterns(
     Pattern i is stored when (1) ``2 rho < d_i``, so ``B_i`` is disjoint from every other ball,
     (2) one mean-shift step from each of ``num_perturbations`` random points on the sphere
     ``|x - x_i| = perturbation * rho`` lands in ``B_i``, (3) the iterations from ``x_i`` and from
-    those points all converge (last step below ``tol``), (4) they end within ``agreement * rho``
-    of the point ``x_i*`` reached from ``x_i``, and (5) ``|x_i* - x_i| <= rho``. Checks (2) to (5)
-    sample the conditions of the definition at finitely many starts, so a True verdict is evidence,
-    not a proof. All ``N (num_perturbations + 1)`` starts run in one call of
-    :func:`~pyro_am.dynamics.retrieve`.
+    those points never leave ``B_i`` and all converge (last step below ``tol``), (4) they end
+    within ``agreement * rho`` of the point ``x_i*`` reached from ``x_i``, and (5)
+    ``|x_i* - x_i| <= rho``. Checks (2) to (5) sample the conditions of the definition at finitely
+    many starts, so a True verdict is evidence, not a proof. A False verdict from (1), (2) or an
+    iterate leaving ``B_i`` is exact, up to rounding: it exhibits a point of ``B_i`` that F maps
+    outside it. All ``N (num_perturbations + 1)`` starts iterate ``F``
+    (:meth:`GaussianKDEEnergy.fixed_point <pyro_am.energies.GaussianKDEEnergy.fixed_point>`) as
+    one batch, and the starts of a pattern stop together once one of them leaves its ball.
 
     Comparisons with rho allow a rounding slack of ``1000 eps max_n |x_n|`` (2e-13 relative in
     float64, 1e-4 in float32).
@@ -288,23 +294,27 @@ def stored_patterns(
         images = energy.fixed_point(boundary)
     self_mapped = (images - memories.unsqueeze(1)).norm(dim=-1).amax(dim=-1) <= rho + slack
 
-    result = retrieve(energy, starts, method="fixed_point", max_steps=max_steps, tol=tol)
-    fixed_points = result.states[:, 0]
+    with torch.no_grad():
+        states, steps, start_converged, escaped = _iterate_in_balls(
+            energy, starts, rho + slack, max_steps, tol
+        )
+    fixed_points = states[:, 0]
     distances = (fixed_points - memories).norm(dim=-1)
-    spread = (result.states - fixed_points.unsqueeze(1)).norm(dim=-1).amax(dim=-1)
-    converged = result.converged.all(dim=-1)
+    spread = (states - fixed_points.unsqueeze(1)).norm(dim=-1).amax(dim=-1)
+    converged = start_converged.all(dim=-1)
     agreed = spread <= agreement * rho + slack
     inside = distances <= rho + slack
 
     nearest, _ = nearest_neighbour_distances(memories)
     disjoint = nearest > 2.0 * rho
-    stored = disjoint & self_mapped & converged & agreed & inside
+    stored = disjoint & self_mapped & ~escaped & converged & agreed & inside
     logger.debug(
-        "stored_patterns: %d of %d stored (rho=%.3g, %d not converged in %d steps)",
+        "stored_patterns: %d of %d stored (rho=%.3g, %d escaped, %d not converged in %d steps)",
         int(stored.sum()),
         num_patterns,
         rho,
-        int((~converged).sum()),
+        int(escaped.sum()),
+        int((~converged & ~escaped).sum()),
         max_steps,
     )
     return StoredPatterns(
@@ -315,13 +325,48 @@ def stored_patterns(
         nearest_distances=nearest,
         disjoint=disjoint,
         self_mapped=self_mapped,
+        escaped=escaped,
         converged=converged,
         agreed=agreed,
         inside=inside,
         spread=spread,
-        steps=result.steps.amax(dim=-1),
+        steps=steps.amax(dim=-1),
         tol=float(tol),
     )
+
+
+def _iterate_in_balls(energy, starts, limit: float, max_steps: int, tol: float):
+    """Iterate F from ``starts`` of shape (N, S, D), the starts of pattern n in ``starts[n]``.
+
+    A start stops when its largest coordinate change falls to ``tol``. All starts of pattern n stop
+    as soon as one iterate is farther than ``limit`` from ``energy.memories[n]``.
+
+    :returns: ``(states, steps, converged, escaped)`` of shapes (N, S, D), (N, S), (N, S), (N,).
+    """
+    num_patterns, num_starts, dim = starts.shape
+    device = starts.device
+    states = starts.reshape(-1, dim).clone()
+    owner = torch.arange(num_patterns, device=device).repeat_interleave(num_starts)
+    centres = energy.memories[owner]
+    steps = torch.zeros(states.shape[0], dtype=torch.long, device=device)
+    converged = torch.zeros(states.shape[0], dtype=torch.bool, device=device)
+    escaped = torch.zeros(num_patterns, dtype=torch.bool, device=device)
+    active = torch.arange(states.shape[0], device=device)
+    for _ in range(max_steps):
+        if active.numel() == 0:
+            break
+        current = states[active]
+        updated = energy.fixed_point(current)
+        states[active] = updated
+        steps[active] += 1
+
+        outside = (updated - centres[active]).norm(dim=-1) > limit
+        escaped[owner[active[outside]]] = True
+        done = (updated - current).abs().amax(dim=-1) <= tol
+        converged[active[done]] = True
+        active = active[~done & ~escaped[owner[active]]]
+    shape = (num_patterns, num_starts)
+    return states.reshape(*shape, dim), steps.reshape(shape), converged.reshape(shape), escaped
 
 
 # -- analytic sufficient condition ---------------------------------------------------------------
@@ -652,8 +697,11 @@ class CapacityCurve:
 
     :ivar numpy.ndarray dims: dimensions D, shape (num_dims,).
     :ivar numpy.ndarray num_patterns: the grid of N, increasing, shape (num_sizes,).
-    :ivar numpy.ndarray stored_fraction: fraction stored per trial, shape
-        (num_dims, num_sizes, trials).
+    :ivar numpy.ndarray stored_fraction: mean stored fraction over the draws, shape
+        (num_dims, num_sizes).
+    :ivar numpy.ndarray stored_fraction_se: its standard error over the draws (0 for one draw).
+    :ivar numpy.ndarray draws: number of pattern sets drawn per (D, N),
+        ``max(trials, ceil(min_patterns / N))``.
     :ivar numpy.ndarray bound_fraction: expected certified fraction (:func:`certified_fraction`),
         a lower bound on the expected stored fraction, shape (num_dims, num_sizes).
     :ivar numpy.ndarray n_max: per D, the largest grid N at which, and at every smaller grid N, the
@@ -668,6 +716,8 @@ class CapacityCurve:
     dims: np.ndarray
     num_patterns: np.ndarray
     stored_fraction: np.ndarray
+    stored_fraction_se: np.ndarray
+    draws: np.ndarray
     bound_fraction: np.ndarray
     n_max: np.ndarray
     censored: np.ndarray
@@ -678,25 +728,21 @@ class CapacityCurve:
     ball_radius: float
     delta: float
     trials: int
+    min_patterns: int
     seed: int
 
-    @property
-    def mean_fraction(self) -> np.ndarray:
-        """Mean stored fraction over trials, shape (num_dims, num_sizes)."""
-        return self.stored_fraction.mean(axis=-1)
-
     def rows(self) -> list[dict]:
-        """Return one record per (D, N): mean and standard deviation over trials, and the bound."""
+        """Return one record per (D, N): draws, mean stored fraction, its standard error, bound."""
         records = []
         for i, dim in enumerate(self.dims):
             for j, count in enumerate(self.num_patterns):
-                fractions = self.stored_fraction[i, j]
                 records.append(
                     {
                         "dim": int(dim),
                         "num_patterns": int(count),
-                        "stored_fraction": float(fractions.mean()),
-                        "stored_fraction_std": float(fractions.std()),
+                        "draws": int(self.draws[i, j]),
+                        "stored_fraction": float(self.stored_fraction[i, j]),
+                        "stored_fraction_se": float(self.stored_fraction_se[i, j]),
                         "bound_fraction": float(self.bound_fraction[i, j]),
                     }
                 )
@@ -710,6 +756,7 @@ class CapacityCurve:
             "ball_radius": self.ball_radius,
             "delta": self.delta,
             "trials": self.trials,
+            "min_patterns": self.min_patterns,
             "seed": self.seed,
             "dims": self.dims.tolist(),
             "num_patterns": self.num_patterns.tolist(),
@@ -731,8 +778,14 @@ class CapacityCurve:
         fraction_axis, growth_axis = figure.subplots(1, 2)
         colors = [f"C{i % 10}" for i in range(len(self.dims))]
         for i, dim in enumerate(self.dims):
-            fraction_axis.plot(
-                self.num_patterns, self.mean_fraction[i], "o-", color=colors[i], label=f"D={dim}"
+            fraction_axis.errorbar(
+                self.num_patterns,
+                self.stored_fraction[i],
+                yerr=self.stored_fraction_se[i],
+                fmt="o-",
+                markersize=3,
+                color=colors[i],
+                label=f"D={dim}",
             )
             fraction_axis.plot(self.num_patterns, self.bound_fraction[i], "--", color=colors[i])
         fraction_axis.axhline(1.0 - self.delta, color="grey", linewidth=0.8)
@@ -741,16 +794,23 @@ class CapacityCurve:
         fraction_axis.set_ylabel("fraction stored (dashed: bound)")
         fraction_axis.legend(fontsize=8)
 
-        for name, values, style in (
-            ("numerical", self.n_max, "o"),
-            ("bound", self.bound_n_max, "s"),
+        for name, values, style, color in (
+            ("numerical", self.n_max, "o", "C0"),
+            ("bound", self.bound_n_max, "s", "C3"),
         ):
             shown = values >= 1
-            growth_axis.plot(self.dims[shown], values[shown], style, label=f"{name} N_max")
+            growth_axis.plot(
+                self.dims[shown], values[shown], style, color=color, label=f"{name} N_max"
+            )
             a, b = self.fits[name]
             if math.isfinite(a) and math.isfinite(b):
                 growth_axis.plot(
-                    self.dims, np.exp(a + b * self.dims), "-", linewidth=0.8, label=f"fit b={b:.3g}"
+                    self.dims,
+                    np.exp(a + b * self.dims),
+                    "-",
+                    color=color,
+                    linewidth=0.8,
+                    label=f"fit b={b:.3g}",
                 )
         growth_axis.set_yscale("log")
         growth_axis.set_xlabel("dimension D")
@@ -758,7 +818,8 @@ class CapacityCurve:
         growth_axis.legend(fontsize=8)
         figure.suptitle(
             f"Gaussian KDE on the sphere: r={self.radius:g}, h={self.bandwidth:g}, "
-            f"rho={self.ball_radius:g}, {self.trials} trials",
+            f"rho={self.ball_radius:g}, at least {self.trials} draws and {self.min_patterns} "
+            "patterns per point",
             fontsize=10,
         )
         if path is not None:
@@ -797,6 +858,7 @@ def capacity_curve(
     seed: int = 0,
     delta: float = 0.05,
     ball_radius: float | None = None,
+    min_patterns: int = 200,
     num_perturbations: int = 4,
     max_steps: int = 500,
     dtype: torch.dtype = torch.float64,
@@ -805,45 +867,38 @@ def capacity_curve(
 ) -> CapacityCurve:
     """Measure the stored fraction of uniform random patterns against N, for each dimension.
 
-    Each (D, N, trial) draws fresh patterns uniformly on the sphere of radius ``radius`` and runs
-    :func:`stored_patterns`. Draws come from one generator seeded with ``seed``, so a call is
-    reproducible on a given device.
+    Each (D, N) draws ``max(trials, ceil(min_patterns / N))`` independent sets of N patterns
+    uniformly on the sphere of radius ``radius`` and runs :func:`stored_patterns` on each, so small
+    N, where one failure moves the fraction most, gets as many judged patterns as large N. All
+    draws come from one generator seeded with ``seed``, so a call is reproducible on a device.
 
     :param dims: dimensions D >= 2.
     :param num_patterns: the grid of N, positive integers (sorted and deduplicated here).
     :param float bandwidth: kernel bandwidth h > 0, in the same units as ``radius``.
     :param float radius: the sphere's radius r.
-    :param int trials: independent draws per (D, N).
+    :param int trials: the minimum number of draws per (D, N).
     :param int seed: seed of the random generator.
     :param float delta: N_max is the largest N with a mean stored fraction of at least
         ``1 - delta``, in (0, 1).
     :param float ball_radius: rho; default ``h / 2``.
+    :param int min_patterns: the minimum number of patterns judged per (D, N), over all draws.
     :param int num_perturbations: boundary starts per pattern in :func:`stored_patterns`.
     :param int max_steps: mean-shift steps per start.
     :param torch.dtype dtype: floating dtype of the patterns.
     :param device: device of the patterns.
-    :param bool progress: show a tqdm progress bar over the (D, N, trial) cells.
+    :param bool progress: show a tqdm progress bar over the draws.
     :returns: a :class:`CapacityCurve`.
     """
-    dims = [
-        check_int("dims", int(dim) if isinstance(dim, np.integer) else dim, minimum=2)
-        for dim in dims
-    ]
+    dims = [_integer("dims", dim, minimum=2) for dim in dims]
     if not dims:
         raise ValueError("dims must contain at least one dimension >= 2, but it is empty.")
-    sizes = sorted(
-        {
-            check_int("num_patterns", int(n) if isinstance(n, np.integer) else n)
-            for n in num_patterns
-        }
-    )
+    sizes = sorted({_integer("num_patterns", count, minimum=1) for count in num_patterns})
     if not sizes:
-        raise ValueError(
-            "num_patterns must contain at least one positive integer, but it is empty."
-        )
+        raise ValueError("num_patterns must contain at least one positive integer, but is empty.")
     bandwidth = _scalar("bandwidth", bandwidth)
     radius = _scalar("radius", radius)
     trials = check_int("trials", trials)
+    min_patterns = check_int("min_patterns", min_patterns)
     seed = check_int("seed", seed, minimum=0)
     check_interval("delta", delta, 0.0, 1.0)
     if delta == 0.0:
@@ -852,14 +907,18 @@ def capacity_curve(
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, but got {dtype!r}.")
 
+    draws = np.array(
+        [[max(trials, math.ceil(min_patterns / count)) for count in sizes] for _ in dims],
+        dtype=np.int64,
+    )
+    mean = np.zeros(draws.shape)
+    standard_error = np.zeros(draws.shape)
     generator = torch.Generator(device=device or "cpu").manual_seed(seed)
-    fractions = np.zeros((len(dims), len(sizes), trials))
-    with tqdm(
-        total=len(dims) * len(sizes) * trials, disable=not progress, desc="capacity", leave=False
-    ) as bar:
+    with tqdm(total=int(draws.sum()), disable=not progress, desc="capacity", leave=False) as bar:
         for i, dim in enumerate(dims):
             for j, count in enumerate(sizes):
-                for trial in range(trials):
+                fractions = np.empty(draws[i, j])
+                for draw in range(draws[i, j]):
                     patterns = uniform_on_sphere(count, dim, radius, generator, dtype, device)
                     verdict = stored_patterns(
                         patterns,
@@ -869,12 +928,14 @@ def capacity_curve(
                         max_steps=max_steps,
                         generator=generator,
                     )
-                    fractions[i, j, trial] = verdict.fraction
+                    fractions[draw] = verdict.fraction
                     bar.update(1)
+                mean[i, j] = fractions.mean()
+                if fractions.size > 1:
+                    standard_error[i, j] = fractions.std(ddof=1) / math.sqrt(fractions.size)
 
     sizes_array = np.asarray(sizes, dtype=np.int64)
     dims_array = np.asarray(dims, dtype=np.int64)
-    mean = fractions.mean(axis=-1)
     n_max = np.zeros(len(dims), dtype=np.int64)
     censored = np.zeros(len(dims), dtype=bool)
     for i in range(len(dims)):
@@ -900,7 +961,9 @@ def capacity_curve(
     return CapacityCurve(
         dims=dims_array,
         num_patterns=sizes_array,
-        stored_fraction=fractions,
+        stored_fraction=mean,
+        stored_fraction_se=standard_error,
+        draws=draws,
         bound_fraction=bound_fraction,
         n_max=n_max,
         censored=censored,
@@ -911,8 +974,13 @@ def capacity_curve(
         ball_radius=rho,
         delta=float(delta),
         trials=trials,
+        min_patterns=min_patterns,
         seed=seed,
     )
+
+
+def _integer(name: str, value, minimum: int) -> int:
+    return check_int(name, int(value) if isinstance(value, np.integer) else value, minimum=minimum)
 
 
 __all__ = [

@@ -28,7 +28,14 @@ from pyro_am.commands.retrieve import resolve_device
 DEFAULT_DIMS = (2, 4, 8, 16, 32)
 DEFAULT_NUM_PATTERNS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-CSV_FIELDS = ("dim", "num_patterns", "stored_fraction", "stored_fraction_std", "bound_fraction")
+CSV_FIELDS = (
+    "dim",
+    "num_patterns",
+    "draws",
+    "stored_fraction",
+    "stored_fraction_se",
+    "bound_fraction",
+)
 
 
 # -- I/O -----------------------------------------------------------------------------------------
@@ -96,7 +103,7 @@ def _check_arguments(args) -> None:
             raise UsageError(f"{flag} must be a positive number, but got {value}.")
     if not (0.0 < args.delta < 1.0):
         raise UsageError(f"--delta must be in (0, 1), but got {args.delta}.")
-    for name in ("trials", "num_perturbations", "max_steps"):
+    for name in ("trials", "min_patterns", "num_perturbations", "max_steps"):
         if getattr(args, name) < 1:
             flag = "--" + name.replace("_", "-")
             raise UsageError(f"{flag} must be a positive integer, but got {getattr(args, name)}.")
@@ -118,6 +125,7 @@ def run(args) -> int:
         seed=args.seed,
         delta=args.delta,
         ball_radius=args.ball_radius,
+        min_patterns=args.min_patterns,
         num_perturbations=args.num_perturbations,
         max_steps=args.max_steps,
         dtype=DTYPES[args.dtype],
@@ -133,7 +141,8 @@ def run(args) -> int:
     paths = write_outputs(args.out, curve, settings)
     print(
         f"capacity on the sphere: r = {curve.radius:g}, h = {curve.bandwidth:.4g}, "
-        f"rho = {curve.ball_radius:.4g}, delta = {curve.delta:g}, {curve.trials} trials"
+        f"rho = {curve.ball_radius:.4g}, delta = {curve.delta:g}, at least {curve.trials} draws "
+        f"and {curve.min_patterns} patterns per (D, N)"
     )
     print(format_summary(curve))
     print(f"wrote {paths['figure']}, {paths['table']} and {paths['summary']}")
@@ -177,7 +186,17 @@ def register(subparsers) -> None:
         help="radius rho of the ball each stored pattern's map must keep (default: bandwidth / 2)",
     )
     parser.add_argument(
-        "--trials", type=int, default=4, help="random draws per D and N (default: %(default)s)"
+        "--trials",
+        type=int,
+        default=4,
+        help="minimum number of random pattern sets per D and N (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--min-patterns",
+        type=int,
+        default=200,
+        help="draw sets until at least this many patterns are judged per D and N "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--delta",

@@ -8,7 +8,20 @@ import pytest
 from pyro_am.capacity import capacity_curve
 from pyro_am.cli import main
 
-SMALL = ["--dims", "2", "6", "--num-patterns", "1", "2", "4", "8", "--trials", "2"]
+SMALL = [
+    "--dims",
+    "2",
+    "6",
+    "--num-patterns",
+    "1",
+    "2",
+    "4",
+    "8",
+    "--trials",
+    "2",
+    "--min-patterns",
+    "16",
+]
 
 
 def test_capacity_writes_outputs(tmp_path, capsys):
@@ -36,8 +49,7 @@ def test_capacity_writes_outputs(tmp_path, capsys):
         0.3,
         trials=2,
         seed=0,
-        num_perturbations=4,
-        max_steps=500,
+        min_patterns=16,
         progress=False,
     )
     assert summary["n_max"] == curve.n_max.tolist()
@@ -65,6 +77,7 @@ def test_capacity_default_bandwidth_is_a_third_of_radius(tmp_path):
         (["--ball-radius", "0"], "--ball-radius"),
         (["--delta", "1"], "--delta"),
         (["--trials", "0"], "--trials"),
+        (["--min-patterns", "0"], "--min-patterns"),
         (["--seed", "-3"], "--seed"),
         (["--device", "nonsense"], "device"),
         (["--dims", "two"], "invalid int"),
