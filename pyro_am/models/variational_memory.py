@@ -366,6 +366,13 @@ class VariationalMemory(PyroModule):
         """Set the parameters from k-means on ``data`` (seeded by ``seed``), in its dtype."""
         data = _as_data("data", data)
         self._check_sizes(data)
+        locs, log_weights, variances = self._initial_parameters(data)
+        self._set_parameters(locs, log_weights, variances.sqrt())
+        self.reset_assignments()
+        return self
+
+    def _initial_parameters(self, data):
+        """Return (locs, log weights, variances): the M-step of the k-means labels of ``data``."""
         generator = torch.Generator(device=data.device).manual_seed(self.seed)
         with torch.no_grad():
             best_potential, centres = math.inf, None
@@ -378,12 +385,7 @@ class VariationalMemory(PyroModule):
                 centres, _ = lloyd(data, centres)
             labels = squared_distances(data, centres).argmin(-1)
             q = torch.nn.functional.one_hot(labels, self.num_memories).to(data.dtype)
-            locs, log_weights, variances = self._closed_form_m_step(
-                data, data.square().sum(-1), q, fallback_locs=centres
-            )
-        self._set_parameters(locs, log_weights, variances.sqrt())
-        self.reset_assignments()
-        return self
+            return self._closed_form_m_step(data, data.square().sum(-1), q, fallback_locs=centres)
 
     def _check_sizes(self, data: torch.Tensor) -> None:
         if data.shape[-1] != self.dim:
@@ -430,30 +432,41 @@ class VariationalMemory(PyroModule):
         """
         data = _as_data("X", X)
         self._check_sizes(data)
-        start = 0
+        start, initial = 0, None
         if resume and checkpoint is not None and os.path.exists(checkpoint):
             start = self.load_checkpoint(checkpoint)
             logger.info("resumed from %s at iteration %d", checkpoint, start)
+        elif self.m_step == "closed_form":
+            # The closed-form loop runs on plain tensors and writes the parameters at the end.
+            initial = self._initial_parameters(data)
+            self.reset_assignments()
+            self.elbo_history_ = []
         else:
             self.initialize(data)
             self.elbo_history_ = []
-        data = self._check_data("X", data)
         if self.m_step == "closed_form":
-            self._fit_closed_form(data, start, checkpoint)
+            self._fit_closed_form(data, start, checkpoint, initial)
         else:
-            self._fit_gradient(data, start, checkpoint)
+            self._fit_gradient(self._check_data("X", data), start, checkpoint)
         if checkpoint is not None:
             self.save_checkpoint(checkpoint)
         self.labels_ = self.predict(data)
         return self
 
-    def _fit_closed_form(self, data, start, checkpoint) -> None:
+    def _fit_closed_form(self, data, start, checkpoint, initial=None) -> None:
         num_data = data.shape[0]
         squared_norms = data.square().sum(-1)
-        locs, log_weights, scales = self._parameters_snapshot()
-        variances = scales.square()
+        if initial is None:
+            data = self._check_data("X", data)
+            locs, log_weights, scales = self._parameters_snapshot()
+            variances = scales.square()
+        else:
+            locs, log_weights, variances = initial
+        # Attributes of a PyroModule are slow to set, so the loop keeps its state in locals.
+        history = self.elbo_history_
         log_q = None
-        self.converged_ = False
+        converged = False
+        completed = start
         iterations = range(start, self.max_iter)
         for iteration in tqdm(iterations, disable=not self.progress, desc="variational EM"):
             log_joint = _fast_log_joint(data, squared_norms, locs, log_weights, variances)
@@ -469,8 +482,8 @@ class VariationalMemory(PyroModule):
             if not math.isfinite(elbo):
                 self._stop_on_nan(iteration, elbo, locs, log_weights, variances)
             log_q = flow.log_q
-            self.elbo_history_.append(elbo)
-            self.n_iter_ = iteration + 1
+            history.append(elbo)
+            completed = iteration + 1
             new_locs, new_log_weights, new_variances = self._closed_form_m_step(
                 data, squared_norms, log_q.exp(), fallback_locs=locs
             )
@@ -478,23 +491,28 @@ class VariationalMemory(PyroModule):
             if not finite:
                 self._stop_on_nan(iteration, elbo, locs, log_weights, variances)
             locs, log_weights, variances = new_locs, new_log_weights, new_variances
-            if checkpoint is not None and (iteration + 1) % 10 == 0:
+            if checkpoint is not None and completed % 10 == 0:
+                self.n_iter_ = completed
                 self._set_parameters(locs, log_weights, variances.sqrt())
                 self.save_checkpoint(checkpoint)
-            history = self.elbo_history_
             if len(history) > 1 and abs(history[-1] - history[-2]) < self.tol:
-                self.converged_ = True
+                converged = True
                 break
+        self.n_iter_ = completed
+        self.converged_ = converged
         self._set_parameters(locs, log_weights, variances.sqrt())
-        self._store_logits(torch.arange(num_data, device=data.device), log_q)
+        if log_q is not None:
+            self._store_logits(torch.arange(num_data, device=data.device), log_q)
         logger.info(
             "variational EM: %d iterations, ELBO per datum %.6g, converged=%s",
-            self.n_iter_,
-            self.elbo_history_[-1],
-            self.converged_,
+            completed,
+            history[-1] if history else math.nan,
+            converged,
         )
 
     def _stop_on_nan(self, iteration, elbo, locs, log_weights, variances):
+        self.n_iter_ = iteration
+        self.converged_ = False
         self._set_parameters(locs, log_weights, variances.sqrt())
         raise RuntimeError(
             f"fit stopped at iteration {iteration}: the ELBO or the updated parameters are not "
