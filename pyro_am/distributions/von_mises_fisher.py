@@ -123,6 +123,23 @@ class VonMisesFisher(TorchDistribution):
         return length.unsqueeze(-1) * self.loc
 
     @property
+    def variance(self) -> torch.Tensor:
+        """Coordinate variances, the diagonal of the covariance.
+
+        ``Cov[x] = (A_D / kappa) I + (1 - D A_D / kappa - A_D^2) mu mu^T``, from
+        ``E[x x^T] = (A_D / kappa) I + (1 - D A_D / kappa) mu mu^T``. At ``kappa = 0`` the limit
+        ``A_D / kappa = 1 / D`` is used.
+        """
+        kappa = self.concentration
+        zero = kappa == 0
+        safe = torch.where(zero, torch.ones_like(kappa), kappa)
+        length = mean_resultant_length(self.dim, safe)
+        ratio = torch.where(zero, torch.full_like(kappa, 1.0 / self.dim), length / safe)
+        length = torch.where(zero, torch.zeros_like(length), length)
+        along = 1 - self.dim * ratio - length.square()
+        return ratio.unsqueeze(-1) + along.unsqueeze(-1) * self.loc.square()
+
+    @property
     def mode(self) -> torch.Tensor:
         return self.loc
 

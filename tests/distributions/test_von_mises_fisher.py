@@ -194,3 +194,17 @@ def test_maximum_likelihood_by_svi_recovers_concentration():
     root = brentq(lambda k: _mean_resultant_length(dim, k) - resultant, 1e-3, 1e3)
     # 1% covers Adam's residual oscillation at lr 0.05 around the optimum after 600 steps.
     assert fitted == pytest.approx(root, rel=1e-2)
+
+
+@pytest.mark.parametrize("dim, kappa", [(3, 0.0), (5, 2.0), (10, 50.0)])
+def test_variance_matches_sample_variance(dim, kappa):
+    torch.manual_seed(5)
+    loc = _unit(dim, seed=11)
+    distribution = VonMisesFisher(loc, torch.tensor(kappa, dtype=torch.float64))
+    draws = distribution.sample((40_000,))
+    # Each coordinate's sample variance has a standard error of at most about
+    # sqrt(2 / 40000) = 0.007 of a variance no larger than 1, so 0.02 is three of them.
+    torch.testing.assert_close(distribution.variance, draws.var(0), atol=0.02, rtol=0)
+    assert distribution.variance.sum().item() == pytest.approx(
+        1 - distribution.mean.square().sum().item(), rel=1e-9
+    )
