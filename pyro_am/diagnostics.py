@@ -468,7 +468,7 @@ def to_inference_data(
     stored in ``constant_data`` rather than drawn, with dims ``memory`` when each memory has its
     own scale and ``dim`` for a diagonal covariance. With ``fit_result`` the ELBO trace goes to
     group ``vi_trace``, whose attrs record the method, iterations, convergence and the numbers of
-    memories created and pruned.
+    memories created, pruned and merged.
 
     :param memory: a fitted :class:`~pyro_am.models.DPMemory`.
     :param data: the observations, shape (N, D), converted to the memory's dtype and device.
@@ -533,6 +533,7 @@ def to_inference_data(
                 "converged": int(bool(fit_result.converged)),
                 "num_created": int(fit_result.num_created),
                 "num_pruned": int(fit_result.num_pruned),
+                "num_merged": int(fit_result.num_merged),
             }
         )
         _attach_group(inference_data, "vi_trace", trace)

@@ -8,7 +8,7 @@ the mean of the scaled training points and ``s0`` their root mean squared deviat
 that the prior covers the data whatever the scaling.
 
 Reported: the number of memories (those with weight above ``--weight-threshold``) and how many
-were created and pruned during the fit, and the held-out log likelihood per point. The log
+were created, pruned and merged during the fit, and the held-out log likelihood per point. The log
 likelihood is given in scaled units and in the data's original units, which adds the log Jacobian
 of the affine scaling. When the data have labels, the adjusted Rand index and normalized mutual
 information of the memory assignments ``argmax_k q(z = k | x)`` are reported too.
@@ -250,7 +250,7 @@ def format_summary(metrics: dict) -> str:
         f"{fit['wall_time']:.2f} s",
         f"memories: {scores['num_memories']} with weight > {threshold:g}"
         f" (truncation {scores['truncation']}; {fit['num_created']} created, "
-        f"{fit['num_pruned']} pruned during the fit)",
+        f"{fit['num_pruned']} pruned, {fit['num_merged']} merged during the fit)",
     ]
     held_out = scores["held_out_log_likelihood"]
     if held_out is not None:
@@ -444,6 +444,7 @@ def run(args) -> int:
             "converged": bool(result.converged),
             "num_created": int(result.num_created),
             "num_pruned": int(result.num_pruned),
+            "num_merged": int(result.num_merged),
             "wall_time": float(result.wall_time),
             "final_elbo": float(result.elbo[-1]) if result.elbo else None,
         },

@@ -57,8 +57,8 @@ def test_bench_dp_runs_and_writes_json(tmp_path, capsys, covariance):
     assert set(report["svi_step_seconds"]) == set(LIKELIHOODS)
     assert len(report["fits"]) == 2
     for row in report["fits"]:
-        # Three blobs with centres ~ N(0, 3^2 I) and unit noise in 8-D lie about 12 noise sds
-        # apart, so both fits recover them (ARI 1.0 at seed 0); the reference is the blob labels.
+        # Centres ~ N(0, 3^2 I) in 8-D lie about 12 noise standard deviations apart, so both fits
+        # recover the three blobs (ARI 1.0 at seed 0). The reference is the blob labels.
         assert row["ari"] > 0.95
         assert row["num_memories"] == 3
         assert np.isfinite(row["held_out_log_likelihood"])
