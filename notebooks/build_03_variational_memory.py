@@ -80,9 +80,8 @@ plt.plot(memory.elbo_history_, marker="o")
 plt.xlabel("EM iteration")
 plt.ylabel("ELBO per datum")
 plt.show()
-reference = GaussianMixture(num_classes, covariance_type="spherical", random_state=0).fit(
-    X.numpy()
-)
+reference = GaussianMixture(num_classes, covariance_type="spherical", random_state=0)
+reference.fit(X.numpy())
 print("VariationalMemory ARI", adjusted_rand_score(dataset.labels, labels.numpy()))
 print("GaussianMixture ARI  ", adjusted_rand_score(dataset.labels, reference.predict(X.numpy())))
 print("mean log-likelihood", memory.score(X), "vs", reference.score(X.numpy()))""",

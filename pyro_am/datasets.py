@@ -37,12 +37,12 @@ PATTERN_SUFFIXES = (".npy", ".npz", ".csv")
 class Dataset:
     """A table of patterns with optional labels.
 
-    :ivar numpy.ndarray data: patterns of shape (N, D), float64.
-    :ivar numpy.ndarray labels: integer labels of shape (N,), or None.
-    :ivar str name: the data set's name or the file it was read from.
-    :ivar tuple feature_names: one name per column of ``data``.
-    :ivar tuple image_shape: (height, width) when each pattern is an image, else None.
-    :ivar tuple target_names: the class name of each label value, when known.
+    :ivar data: patterns of shape (N, D), float64.
+    :ivar labels: integer labels of shape (N,), or None.
+    :ivar name: the data set's name or the file it was read from.
+    :ivar feature_names: one name per column of ``data``.
+    :ivar image_shape: (height, width) when each pattern is an image, else None.
+    :ivar target_names: the class name of each label value, when known.
     """
 
     data: np.ndarray

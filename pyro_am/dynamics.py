@@ -42,12 +42,12 @@ _MAX_BACKTRACKS = 30
 class RetrievalResult:
     """Outcome of :func:`retrieve`.
 
-    :ivar torch.Tensor states: final states, shape (..., D).
-    :ivar torch.Tensor energies: energies of the final states, shape (...).
-    :ivar torch.Tensor steps: number of updates applied to each query, shape (...), int64.
-    :ivar torch.Tensor converged: whether the query's last change fell below ``tol``, shape (...).
+    :ivar states: final states, shape (..., D).
+    :ivar energies: energies of the final states, shape (...).
+    :ivar steps: number of updates applied to each query, shape (...), int64.
+    :ivar converged: whether the query's last change fell below ``tol``, shape (...).
         Always false for Langevin, which has no stopping rule.
-    :ivar torch.Tensor trajectory: the states after every step, shape (steps + 1, ..., D), or None.
+    :ivar trajectory: the states after every step, shape (steps + 1, ..., D), or None.
         Queries that stopped early repeat their final state.
     """
 

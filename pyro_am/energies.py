@@ -51,8 +51,8 @@ class Energy:
     and ``_log_prob`` where they exist. Without ``_grad`` the gradient comes from autograd. The
     base class handles flattening, shape checks and the batch shape of the result.
 
-    :ivar bool has_fixed_point: whether :meth:`fixed_point` is implemented in closed form.
-    :ivar bool has_log_prob: whether :meth:`log_prob` is normalized exactly.
+    :ivar has_fixed_point: whether :meth:`fixed_point` is implemented in closed form.
+    :ivar has_log_prob: whether :meth:`log_prob` is normalized exactly.
     """
 
     has_fixed_point = False
