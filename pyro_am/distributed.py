@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 from datetime import timedelta
 
 import torch
@@ -88,6 +89,14 @@ def init_from_env(backend: str | None = None, timeout_seconds: float = 300.0) ->
     rank, world_size = get_rank(), get_world_size()
     logger.info("joined process group: rank %d of %d, backend %s", rank, world_size, backend)
     return rank, world_size
+
+
+def collective_device(group=None) -> torch.device:
+    """Return where small bookkeeping tensors must live for collectives: the current CUDA device
+    under ``nccl`` (which reduces CUDA tensors only), the CPU otherwise."""
+    if is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def shutdown() -> None:
@@ -213,7 +222,7 @@ def find_free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
-def _local_worker(rank, world_size, port, function, args, result_dir, backend):
+def _local_worker(rank, world_size, port, function, args, result_dir, backend, timeout_seconds):
     os.environ.update(
         {
             "RANK": str(rank),
@@ -226,7 +235,7 @@ def _local_worker(rank, world_size, port, function, args, result_dir, backend):
         }
     )
     torch.set_num_threads(1)
-    init_from_env(backend, timeout_seconds=120.0)
+    init_from_env(backend, timeout_seconds=timeout_seconds)
     try:
         result = function(rank, world_size, *args)
         torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
@@ -234,7 +243,13 @@ def _local_worker(rank, world_size, port, function, args, result_dir, backend):
         shutdown()
 
 
-def launch_local(function, world_size: int, args: tuple = (), backend: str = "gloo") -> list:
+def launch_local(
+    function,
+    world_size: int,
+    args: tuple = (),
+    backend: str = "gloo",
+    timeout_seconds: float = 300.0,
+) -> list:
     """Run ``function(rank, world_size, *args)`` in ``world_size`` processes on 127.0.0.1.
 
     Each process joins a process group on a free loopback port, runs ``function`` with one
@@ -243,20 +258,37 @@ def launch_local(function, world_size: int, args: tuple = (), backend: str = "gl
     processes are started with the ``spawn`` method and import it by name. This is how the tests
     and benchmarks run several ranks on one machine. Production runs use ``torchrun``.
 
+    :param float timeout_seconds: the processes are terminated and :class:`TimeoutError` is
+        raised when they have not all finished after this long; collectives inside them also
+        fail after this long instead of waiting for a missing rank.
     :returns: the return values, in rank order.
     :raises torch.multiprocessing.ProcessRaisedException: if a process fails.
     """
     world_size = check_int("world_size", world_size, minimum=1)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, but got {backend!r}.")
+    if not timeout_seconds > 0:
+        raise ValueError(f"timeout_seconds must be positive, but got {timeout_seconds!r}.")
     port = find_free_port()
     with tempfile.TemporaryDirectory(prefix="pyro_am_launch_") as result_dir:
-        mp.spawn(
+        context = mp.spawn(
             _local_worker,
-            args=(world_size, port, function, args, result_dir, backend),
+            args=(world_size, port, function, args, result_dir, backend, timeout_seconds),
             nprocs=world_size,
-            join=True,
+            join=False,
         )
+        deadline = time.monotonic() + timeout_seconds
+        while not context.join(timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                for process in context.processes:
+                    if process.is_alive():
+                        process.terminate()
+                for process in context.processes:
+                    process.join(5.0)
+                raise TimeoutError(
+                    f"the {world_size} local processes did not finish within {timeout_seconds} s "
+                    "and were terminated."
+                )
         return [
             torch.load(os.path.join(result_dir, f"rank{rank}.pt"), weights_only=False)
             for rank in range(world_size)
@@ -271,6 +303,7 @@ __all__ = [
     "all_reduce_max",
     "all_reduce_sum",
     "broadcast_object",
+    "collective_device",
     "default_backend",
     "find_free_port",
     "get_rank",

@@ -73,7 +73,7 @@ class DPFitResult:
         (``"created"``, ``"pruned"`` or ``"merged"``), ``"memory"`` (its index at that time) and
         ``"weight"`` (its expected weight). A merge also has ``"into"``, the index of the memory
         that absorbed it, and its weight is that memory's weight after the merge.
-    :ivar str method: ``"cavi"`` or ``"svi"``.
+    :ivar str method: ``"cavi"``, ``"svi"`` or ``"stream"`` (:meth:`DPMemory.fit_stream`).
     :ivar float wall_time: seconds spent in this call.
     """
 
@@ -540,6 +540,7 @@ class DPMemory(PyroModule):
         resume: bool = False,
         seed: int | None = None,
         warm_start: bool = False,
+        distributed: bool = False,
     ) -> DPFitResult:
         """Fit the variational posterior to ``data`` by coordinate ascent or SVI.
 
@@ -560,6 +561,12 @@ class DPMemory(PyroModule):
         :param bool resume: continue from ``checkpoint`` when it exists.
         :param int seed: seeds the initialization and SVI.
         :param bool warm_start: start from the current parameters instead of k-means.
+        :param bool distributed: fit data split across the ranks of the default
+            ``torch.distributed`` process group. Every rank calls ``fit`` with its own block as
+            ``data`` and the same other arguments, the sufficient statistics (CAVI) or gradients
+            (SVI) are all-reduced, and every rank ends with the memory that one process fits to
+            the blocks concatenated in rank order. Rank 0 writes the checkpoints. See
+            :mod:`pyro_am.models._dp_parallel`.
         :returns: a :class:`DPFitResult`.
         """
         if method not in METHODS:
@@ -577,6 +584,28 @@ class DPMemory(PyroModule):
         if resume and checkpoint is None:
             raise ValueError("resume=True needs a checkpoint path.")
 
+        if distributed:
+            from pyro_am.models._dp_parallel import fit_parallel
+
+            start = time.perf_counter()
+            result = fit_parallel(
+                self,
+                data,
+                method,
+                seed=seed,
+                max_iter=max_iter,
+                tol=float(tol),
+                lr=float(lr),
+                num_particles=num_particles,
+                batch_size=batch_size,
+                warm_start=warm_start,
+                progress=progress,
+                checkpoint=checkpoint,
+                checkpoint_every=checkpoint_every,
+                resume=resume,
+            )
+            result.wall_time = time.perf_counter() - start
+            return result
         state = None
         if resume:
             state = load_checkpoint(self, checkpoint, method)
@@ -618,6 +647,40 @@ class DPMemory(PyroModule):
         return float(step.log_normalizers.sum() + cavi.global_terms(posterior, self._prior(data)))
 
     # -- streaming -------------------------------------------------------------------------------
+    def fit_stream(self, source, batch_size: int | None = None, **options) -> DPFitResult:
+        """Fit the variational posterior by streaming natural-gradient SVI over minibatches.
+
+        Each step runs the CAVI local step on one batch, blends the batch's statistics, scaled
+        by ``N / |batch|``, into running whole-data statistics with step size
+        ``rho_t = (t + tau)^(-kappa)``, and applies the closed-form global step. This is
+        natural-gradient SVI on the sticks and memories. Pruning, births and merges act on the
+        running statistics. The model, the schedule and the moves are described in
+        :mod:`pyro_am.models._dp_stream`. Under ``torch.distributed`` every rank calls it with
+        the same arguments and ends with the same memory.
+
+        :param source: an array, ``numpy.memmap`` or tensor of shape (N, D); a ``.npy`` path, a
+            folder of ``.npy`` files or a list of paths; or an iterable of batches such as a
+            :class:`torch.utils.data.DataLoader` (see :func:`pyro_am.minibatches.minibatches`).
+        :param int batch_size: rows per batch for array and file sources.
+        :param options: ``num_data`` (N, needed for an iterable without a sized ``.dataset``),
+            ``num_epochs`` (passes over the source, default 1), ``max_steps`` (total steps,
+            counting those before a resume), ``step_size_offset`` (tau >= 0, default 1.0),
+            ``step_size_exponent`` (kappa in [0, 1], default 0.7; (0.5, 1] converges and 0
+            replaces the memory by each batch's CAVI step), ``shuffle`` (visit the blocks of an
+            array or file source in a new order every epoch, default True), ``seed`` (seeds the
+            initialization on the first batch and the block order), ``warm_start`` (start from
+            the current parameters), ``progress``, ``checkpoint``, ``checkpoint_every`` (steps),
+            ``resume`` and ``group`` (the process group).
+        :returns: a :class:`DPFitResult` with ``method="stream"``. Its ``elbo`` holds, for each
+            step, the batch estimate of the ELBO of the parameters before that step.
+        """
+        from pyro_am.models._dp_stream_fit import fit_stream
+
+        start = time.perf_counter()
+        result = fit_stream(self, source, batch_size=batch_size, **options)
+        result.wall_time = time.perf_counter() - start
+        return result
+
     def partial_fit(self, batch) -> torch.Tensor:
         """Absorb a batch of data one datum at a time by the Chinese restaurant rule.
 
