@@ -46,7 +46,9 @@ def _as_tensor(rows, dtype, device) -> torch.Tensor:
         array = np.asarray(rows)
         if array.dtype.kind not in "biuf":
             raise TypeError(f"a batch must be numeric, but has dtype {array.dtype}.")
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        # A read-only memory map is copied into memory here, one batch at a time.
+        copy = not array.flags.writeable or not array.flags.c_contiguous
+        tensor = torch.from_numpy(np.array(array, order="C") if copy else array)
     if not torch.is_floating_point(tensor):
         tensor = tensor.to(torch.float64)
     return tensor.to(dtype=dtype or tensor.dtype, device=device)
