@@ -57,7 +57,8 @@ def _as_tensor(rows, dtype, device) -> torch.Tensor:
 class MinibatchSource:
     """A re-iterable stream of (B, D) batches with a known number of data.
 
-    :ivar num_data: N, the number of data in one epoch over all ranks.
+    :ivar num_data: N, the number of data in one epoch over all ranks, or None when an iterable
+        source cannot tell.
     :ivar dim: D, or None until the first batch of an iterable source is read.
     """
 
@@ -140,21 +141,20 @@ class IterableSource(MinibatchSource):
     """Batches taken from any iterable, such as a :class:`torch.utils.data.DataLoader`.
 
     :param source: the iterable; an item is a batch or a tuple or list whose first element is.
-    :param int num_data: N; None reads ``len(source.dataset)``.
+    :param int num_data: N; None reads ``len(source.dataset)``, and stays None when the source
+        has no sized data set.
     """
 
     def __init__(self, source, num_data=None, dtype=None, device=None):
         self.source = source
         if num_data is None:
-            dataset = getattr(source, "dataset", None)
             try:
-                num_data = len(dataset)
-            except TypeError:
-                raise ValueError(
-                    "num_data is required for an iterable without a sized .dataset, because "
-                    "the DP memory scales each batch by num_data / batch size."
-                ) from None
-        self.num_data = check_int("num_data", num_data, minimum=1)
+                num_data = len(source.dataset)
+            except (AttributeError, TypeError):
+                num_data = None
+        if num_data is not None:
+            num_data = check_int("num_data", num_data, minimum=1)
+        self.num_data = num_data
         self.dim = None
         self.dtype, self.device = dtype, device
 

@@ -121,6 +121,11 @@ def fit_stream(
             f"num_epochs={num_epochs} needs a source that can be iterated again, but the source "
             "is a one-shot iterator; pass num_epochs=1 or a re-iterable source."
         )
+    if stream.num_data is None:
+        raise ValueError(
+            "num_data is required for an iterable without a sized .dataset, because the DP "
+            "memory scales each batch's statistics by num_data / batch size."
+        )
     rank, world_size = distributed.get_rank(group), distributed.get_world_size(group)
     num_data = stream.num_data
     record = _dp_fit.load_checkpoint(memory, checkpoint, "stream") if resume else None

@@ -453,6 +453,30 @@ class VariationalMemory(PyroModule):
         self.labels_ = self.predict(data)
         return self
 
+    def fit_stream(self, source, batch_size: int | None = None, **options) -> VariationalMemory:
+        """Fit the memories by stepwise (online) EM over minibatches that need not fit in memory.
+
+        Each step runs the flow E-step on one batch, blends the batch's averaged sufficient
+        statistics into running averages with step size ``rho_t = (t + tau)^(-kappa)``, and
+        applies the closed-form M-step to them (see :mod:`pyro_am.models._vm_stream`). The first
+        batch initializes the memories by k-means unless ``warm_start=True``.
+
+        :param source: an array, ``numpy.memmap`` or tensor of shape (N, D); a ``.npy`` path, a
+            folder of ``.npy`` files or a list of paths; or an iterable of batches such as a
+            :class:`torch.utils.data.DataLoader` (see :func:`pyro_am.minibatches.minibatches`).
+        :param int batch_size: rows per batch for array and file sources.
+        :param options: ``num_epochs`` (default 1), ``max_steps``, ``step_size_offset`` (tau,
+            default 1.0), ``step_size_exponent`` (kappa in [0, 1], default 0.7), ``shuffle``
+            (default True), ``seed`` (block order), ``warm_start``, ``checkpoint``,
+            ``checkpoint_every``, ``resume`` and ``group`` (a ``torch.distributed`` group).
+        :returns: self. ``elbo_history_`` holds each batch's ELBO per datum before its step.
+        :raises RuntimeError: if the ELBO or a parameter becomes NaN or infinite; the parameters
+            of the last finite step are kept.
+        """
+        from pyro_am.models._vm_stream import fit_stream
+
+        return fit_stream(self, source, batch_size=batch_size, **options)
+
     def _fit_closed_form(self, data, start, checkpoint, initial=None) -> None:
         num_data = data.shape[0]
         squared_norms = data.square().sum(-1)
