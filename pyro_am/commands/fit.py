@@ -385,6 +385,11 @@ def run(args) -> int:
 
     _check_arguments(args)
     device = resolve_device(args.device)
+    rank = 0
+    if args.distributed:
+        from pyro_am.commands._fit_distributed import join_process_group
+
+        rank, world_size, device = join_process_group(device)
     dataset = load_data(args)
     scaling_name = choose_scaling(args.scale, dataset)
 
@@ -414,7 +419,15 @@ def run(args) -> int:
         "weight_threshold": args.weight_threshold,
         "device": str(device),
     }
-    model, result = fit_memory(train, settings, progress=not args.no_progress)
+    if args.distributed:
+        from pyro_am.commands._fit_distributed import fit_memory_sharded
+
+        settings["world_size"] = world_size
+        model, result = fit_memory_sharded(train, settings, progress=not args.no_progress)
+        if rank != 0:
+            return 0
+    else:
+        model, result = fit_memory(train, settings, progress=not args.no_progress)
     scores = evaluate(
         model, scaling, train, held_out, train_labels, held_out_labels, args.weight_threshold
     )
@@ -533,6 +546,13 @@ def register(subparsers) -> None:
     fitting.add_argument("--seed", type=int, default=0, help="seed of the split and the fit")
     fitting.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     fitting.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    fitting.add_argument(
+        "--distributed",
+        action="store_true",
+        help="fit data-parallel under torchrun (torchrun --nproc-per-node N -m pyro_am fit "
+        "--distributed ...): each rank fits its shard of the training points, gloo on CPU and "
+        "nccl on CUDA, and rank 0 writes the outputs",
+    )
 
     output = parser.add_argument_group("output")
     output.add_argument(
