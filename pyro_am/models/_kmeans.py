@@ -14,9 +14,16 @@ import math
 import torch
 
 
-def squared_distances(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """Compute ``|x_n - c_k|^2`` in GEMM form, shape (N, K), clamped at zero."""
-    distances = x.square().sum(-1, keepdim=True) - 2.0 * x @ centres.T
+def squared_distances(
+    x: torch.Tensor, centres: torch.Tensor, x_squared_norms: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Compute ``|x_n - c_k|^2`` in GEMM form, shape (N, K), clamped at zero.
+
+    Loops that reuse ``x`` pass its squared row norms, shape (N,), so they are computed once.
+    """
+    if x_squared_norms is None:
+        x_squared_norms = x.square().sum(-1)
+    distances = x_squared_norms.unsqueeze(-1) - 2.0 * x @ centres.T
     distances = distances + centres.square().sum(-1)
     return distances.clamp_min(0.0)
 
@@ -28,9 +35,10 @@ def kmeans_plus_plus(
     num_points = x.shape[0]
     num_trials = 2 + int(math.log(num_centres))
     device = x.device
+    norms = x.square().sum(-1)
     first = torch.randint(num_points, (1,), generator=generator, device=device)
     centres = [x[first]]
-    closest = squared_distances(x, centres[0]).squeeze(-1)
+    closest = squared_distances(x, centres[0], norms).squeeze(-1)
     for _ in range(1, num_centres):
         total = closest.sum()
         if float(total) <= 0:
@@ -39,7 +47,7 @@ def kmeans_plus_plus(
         else:
             weights = closest / total
         candidates = torch.multinomial(weights, num_trials, replacement=True, generator=generator)
-        candidate_closest = torch.minimum(closest, squared_distances(x, x[candidates]).T)
+        candidate_closest = torch.minimum(closest, squared_distances(x, x[candidates], norms).T)
         best = candidate_closest.sum(-1).argmin()
         centres.append(x[candidates[best]].unsqueeze(0))
         closest = candidate_closest[best]
@@ -56,7 +64,8 @@ def lloyd(
     :returns: ``(centres, labels)`` of shapes (K, D) and (N,).
     """
     num_centres = centres.shape[0]
-    labels = squared_distances(x, centres).argmin(-1)
+    norms = x.square().sum(-1)
+    labels = squared_distances(x, centres, norms).argmin(-1)
     for _ in range(max_iter):
         one_hot = torch.nn.functional.one_hot(labels, num_centres).to(x.dtype)
         counts = one_hot.sum(0)
@@ -64,7 +73,7 @@ def lloyd(
         centres = torch.where(
             counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), centres
         )
-        updated = squared_distances(x, centres).argmin(-1)
+        updated = squared_distances(x, centres, norms).argmin(-1)
         if bool((updated == labels).all()):
             break
         labels = updated
