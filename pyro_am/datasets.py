@@ -10,6 +10,9 @@ Corruptions of a batch ``x`` of shape (B, D):
     mask_pixels:  each row keeps D - round(f D) coordinates chosen uniformly at random; the others
                   are replaced by ``fill`` and reported as unobserved in the returned mask.
     add_noise:    x + s * eps,  eps ~ N(0, I).
+
+The synthetic families of data sets used to pretrain in-context energies live in
+:mod:`pyro_am.families` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -24,6 +27,14 @@ import numpy as np
 import torch
 
 from pyro_am._validation import check_int, check_interval, check_positive
+from pyro_am.families import (
+    SHAPES,
+    GaussianMixtureFamily,
+    MixtureBatch,
+    ShapesFamily,
+    make_family,
+    mixture_log_prob,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -405,11 +416,17 @@ def add_noise(
 
 __all__ = [
     "DATASETS",
+    "SHAPES",
     "Dataset",
+    "GaussianMixtureFamily",
+    "MixtureBatch",
+    "ShapesFamily",
     "add_noise",
     "load_dataset",
     "load_pattern_file",
+    "make_family",
     "mask_pixels",
+    "mixture_log_prob",
     "scale_to_unit_interval",
     "split_memories_queries",
     "standardize",
