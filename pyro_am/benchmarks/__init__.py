@@ -10,4 +10,6 @@ BENCHMARK_MODULES = (
     "pyro_am.benchmarks.dp",
     "pyro_am.benchmarks.vmf",
     "pyro_am.benchmarks.vmf_attention",
+    "pyro_am.benchmarks.streaming",
+    "pyro_am.benchmarks.sharded",
 )

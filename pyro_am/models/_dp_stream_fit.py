@@ -101,6 +101,8 @@ def fit_stream(
     shuffle=True,
     seed=None,
     warm_start=False,
+    init_size=None,
+    dtype=None,
     progress=True,
     checkpoint=None,
     checkpoint_every=10,
@@ -115,7 +117,9 @@ def fit_stream(
     if seed is None:
         seed = int(torch.randint(2**31, ()).item())
     seed = distributed.broadcast_object(check_int("seed", seed, minimum=0), 0, group)
-    stream = minibatches(source, batch_size, num_data=num_data, shuffle=shuffle, seed=seed)
+    stream = minibatches(
+        source, batch_size, num_data=num_data, shuffle=shuffle, seed=seed, dtype=dtype
+    )
     if num_epochs > 1 and not stream.reiterable:
         raise ValueError(
             f"num_epochs={num_epochs} needs a source that can be iterated again, but the source "
@@ -137,6 +141,8 @@ def fit_stream(
         first = _check_batch(first, memory.dim, first, 0)
         sample = torch.cat(distributed.all_gather_object(first.cpu(), group)).to(first)
         if not warm_start:
+            if init_size is not None:
+                sample = sample[: check_int("init_size", init_size, minimum=1)]
             memory.initialize(sample, seed=seed)
         memory._match_dtype(first)
         centre = sample.mean(0)

@@ -106,6 +106,7 @@ def fit_stream(
     shuffle=True,
     seed=0,
     warm_start=False,
+    dtype=None,
     checkpoint=None,
     checkpoint_every=10,
     resume=False,
@@ -116,7 +117,7 @@ def fit_stream(
         num_epochs, max_steps, step_size_offset, step_size_exponent, checkpoint_every, resume,
         checkpoint,
     )  # fmt: skip
-    stream = minibatches(source, batch_size, shuffle=shuffle, seed=seed)
+    stream = minibatches(source, batch_size, shuffle=shuffle, seed=seed, dtype=dtype)
     if num_epochs > 1 and not stream.reiterable:
         raise ValueError(
             f"num_epochs={num_epochs} needs a source that can be iterated again, but the source "
