@@ -58,7 +58,7 @@ class MinibatchSource:
     """A re-iterable stream of (B, D) batches with a known number of data.
 
     :ivar num_data: N, the number of data in one epoch over all ranks, or None when an iterable
-        source cannot tell.
+        source has no sized data set.
     :ivar dim: D, or None until the first batch of an iterable source is read.
     """
 
@@ -67,7 +67,7 @@ class MinibatchSource:
 
     @property
     def num_batches(self) -> int | None:
-        """The number of batches in one epoch, or None when the source cannot tell."""
+        """The number of batches in one epoch, or None when the source has no length."""
         return None
 
     @property

@@ -31,7 +31,8 @@ def test_write_blobs_chunks_match_one_draw(tmp_path, monkeypatch):
         nearest = np.sqrt(((points[:, None, :] - centres) ** 2).sum(-1)).min(-1)
         assert nearest.max() < 6.0
     held_out, labels = held_out_blobs(50, 3, 4, seed=2)
-    assert held_out.shape == (50, 3) and labels.shape == (50,)
+    assert held_out.shape == (50, 3)
+    assert labels.shape == (50,)
 
 
 def test_bank_rows_blocks_compose():

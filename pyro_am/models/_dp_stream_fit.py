@@ -70,7 +70,7 @@ def _first_batch(batches, rank, group):
 
 
 def _aligned(batches, world_size, group):
-    """Yield the batches while every rank has one; raise if the ranks run out at different steps."""
+    """Yield the batches while every rank has one. Raise if the ranks run out at different steps."""
     if world_size == 1:
         yield from batches
         return
@@ -178,7 +178,7 @@ def fit_stream(
         desc="streaming SVI",
     )
     start_epoch = record["epoch"]
-    # A proposed birth is judged on the next batch; a checkpoint does not keep it.
+    # A proposed birth is judged on the next batch, and a checkpoint does not store it.
     pending = None
     try:
         for epoch in range(start_epoch, num_epochs):

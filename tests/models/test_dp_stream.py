@@ -49,7 +49,8 @@ def test_full_batch_with_unit_steps_equals_cavi():
     cavi_result = reference.fit(data, max_iter=6, tol=0.0, seed=5, progress=False)
 
     assert result.iterations == 6
-    assert result.events == [] and cavi_result.events == []
+    assert result.events == []
+    assert cavi_result.events == []
     # float64 and the same operations in the same order: equal up to the last few bits.
     tolerance = dict(rtol=1e-12, atol=1e-12)
     for name, value in reference.variational_parameters().items():
@@ -131,7 +132,7 @@ def test_blobs_streamed_recover_count_and_likelihood(truncation):
         assert result.num_merged + result.num_pruned >= 10
     streamed = float(stream.log_predictive(held_out).mean())
     reference = float(full.log_predictive(held_out).mean())
-    # Each blob holds about 1,200 points, so its memory is known to about 1 / sqrt(1200) = 0.03
+    # Each blob contains about 1,200 points, so its memory is known to about 1 / sqrt(1200) = 0.03
     # noise standard deviations in either fit; that moves the mean held-out log density by
     # well under 0.01 nats, and 0.02 allows for it.
     assert abs(streamed - reference) < 0.02
