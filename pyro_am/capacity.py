@@ -10,26 +10,33 @@ stored when the balls of distinct patterns are disjoint (``2 rho < d_i``, the di
 its nearest other pattern), F maps B_i into itself, and all starts in B_i converge to one fixed
 point ``x_i*`` of F inside B_i. :func:`stored_patterns` checks this numerically.
 
-Sufficient condition (:func:`storage_bound`, derived in docs/kde_capacity.md). With the separation
-``Delta_i = r^2 - max_{j != i} x_i . x_j = d_i^2 / 2`` and ``phi(d) = d^2 / 2 - rho d``, the
-softmax weight of pattern j anywhere in B_i is at most ``exp(-beta phi(|x_i - x_j|))``. With
-``M_k = max_{d_i <= d <= 2r} d^k exp(-beta phi(d))``, pattern i is stored if::
+Sufficient condition (:func:`storage_bound`; the derivation is in the "KDE capacity" page of the
+docs). With ``phi_rho(d) = d^2 / 2 - rho d``, the softmax weight of pattern j anywhere in B_i is at
+most ``exp(-beta phi_rho(d_ij))``. Pattern i is stored if::
 
-    d_i > 2 rho,    (N - 1) M_1 <= rho,    beta (N - 1) M_2 < 1
+    d_i > 2 rho,    A_i = sum_j d_ij exp(-beta phi_rho(d_ij)) <= rho,
+    L_i = beta sum_j d_ij^2 exp(-beta phi_A_i(d_ij)) < 1
 
-The second bounds ``|F(x) - x_i|`` on B_i, so F maps B_i into itself; the third bounds the
-Jacobian ``beta Cov_w(x_n)``, so F is a contraction there and Banach's theorem gives ``x_i*``.
+The second makes F map B_i into the ball of radius A_i, and the third bounds the Jacobian
+``beta Cov_w(x_n)`` there, so F is a contraction of that ball and Banach's theorem gives ``x_i*``.
+Replacing every ``d_ij`` by the worst distance in ``[d_i, 2r]`` gives a form that depends only on
+the separation ``Delta_i = r^2 - max_{j != i} x_i . x_j = d_i^2 / 2``, N, r and h; it holds
+exactly when ``Delta_i`` exceeds a threshold ``Delta*(N)`` (:func:`separation_threshold`).
 
-Random patterns (:func:`certified_fraction`, :func:`capacity_lower_bound`). For patterns uniform
-on the sphere, the cosine ``t`` between two of them has density proportional to
-``(1 - t^2)^((D - 3) / 2)`` and tail ``P(t >= s) = I_{1 - s^2}((D - 1) / 2, 1 / 2) / 2`` for
-``s >= 0`` (I is the regularized incomplete beta function). Given ``x_i``, the other cosines are
-independent, so the expected fraction of certified patterns is exactly ``(1 - P(t >= s*))^(N-1)``
-with ``s* = 1 - Delta*(N) / r^2`` and ``Delta*`` the threshold of :func:`separation_threshold`.
+Random patterns. For patterns uniform on the sphere, the cosine ``t`` between two of them has
+density proportional to ``(1 - t^2)^((D - 3) / 2)`` and tail ``P(t >= s) = I_{1 - s^2}((D - 1) / 2,
+1 / 2) / 2`` for ``s >= 0`` (I is the regularized incomplete beta function). Given ``x_i``, the
+other cosines are independent, so the nearest-neighbour form certifies a pattern with probability
+exactly ``(1 - P(t >= s*))^(N-1)``, ``s* = 1 - Delta* / r^2``
+(:func:`nearest_certified_fraction`). :func:`certified_fraction` improves on it with a truncated
+Chernoff bound for the pairwise sums, and :func:`capacity_lower_bound` turns either into a
+guaranteed N. :func:`high_dimensional_ceiling` is the D-independent limit that stops the growth in
+D at fixed ``h / r``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -374,65 +381,118 @@ def _iterate_in_balls(energy, starts, limit: float, max_steps: int, tol: float):
 class StorageBound:
     """Outcome of :func:`storage_bound`, per pattern.
 
-    :ivar torch.Tensor certified: the sufficient condition holds, so the pattern is stored.
+    :ivar torch.Tensor certified: the pairwise condition holds, so the pattern is stored.
+    :ivar torch.Tensor certified_nearest: the nearest-neighbour condition holds; it implies
+        ``certified``.
     :ivar torch.Tensor separations: ``Delta_i``, shape (N,).
-    :ivar torch.Tensor off_weight: ``min(1, (N - 1) exp(-beta phi(d_i)))``, a bound on the softmax
-        weight of the other patterns anywhere in ``B_i``.
-    :ivar torch.Tensor image_radius: the bound ``(N - 1) M_1`` on ``|F(x) - x_i|`` over ``B_i``.
-    :ivar torch.Tensor lipschitz: the bound ``beta (N - 1) M_2`` on the Jacobian norm over ``B_i``.
-    :ivar float threshold: ``Delta*``: a pattern is certified exactly when ``Delta_i > Delta*``
-        (up to the bisection's rounding at the boundary); ``inf`` when no separation suffices.
+    :ivar torch.Tensor off_weight: ``min(1, (N - 1) exp(-beta phi_rho(d_i)))``, a bound on the
+        total softmax weight of the other patterns anywhere in ``B_i``.
+    :ivar torch.Tensor image_radius: ``A_i``, the bound on ``|F(x) - x_i|`` over ``B_i``.
+    :ivar torch.Tensor lipschitz: ``L_i``, the bound on the Jacobian norm of F over the ball of
+        radius ``min(A_i, rho)`` around ``x_i``.
+    :ivar torch.Tensor image_radius_nearest: ``(N - 1) M_1``, the nearest-neighbour form of
+        ``image_radius``.
+    :ivar torch.Tensor lipschitz_nearest: the nearest-neighbour form of ``lipschitz``.
+    :ivar float threshold: ``Delta*``: the nearest-neighbour condition holds exactly when
+        ``Delta_i > Delta*`` (up to the bisection's rounding at the boundary); ``inf`` when no
+        separation suffices.
     :ivar float ball_radius: rho.
     """
 
     certified: torch.Tensor
+    certified_nearest: torch.Tensor
     separations: torch.Tensor
     off_weight: torch.Tensor
     image_radius: torch.Tensor
     lipschitz: torch.Tensor
+    image_radius_nearest: torch.Tensor
+    lipschitz_nearest: torch.Tensor
     threshold: float
     ball_radius: float
 
 
-def _peak(power: int, nearest, beta: float, rho: float, radius: float):
-    """Compute ``M_k = max_{d_i <= d <= 2r} d^k exp(-beta (d^2 / 2 - rho d))`` for ``k = power``.
+def _kernel_term(power: int, distance, beta: float, ball_radius):
+    """Compute ``d^k exp(-beta phi_rho(d))`` with ``phi_rho(d) = d^2 / 2 - rho d``; 0 at d = inf."""
+    finite = torch.isfinite(distance)
+    safe = torch.where(finite, distance, torch.zeros_like(distance))
+    value = safe.pow(power) * torch.exp(-beta * (0.5 * safe.square() - ball_radius * safe))
+    return torch.where(finite, value, torch.zeros_like(value))
+
+
+def _peak(power: int, nearest: torch.Tensor, beta: float, ball_radius, radius: float):
+    """Compute ``M_k = max_{d_i <= d <= 2r} d^k exp(-beta phi_rho(d))`` for ``k = power``.
 
     The logarithm of the maximized function is concave in d with its peak at
     ``(rho + sqrt(rho^2 + 4 k / beta)) / 2``, so the maximum over the interval is at that peak
-    clamped to the interval. Works on floats and on tensors; an infinite ``d_i`` (no other
-    pattern) gives 0.
+    clamped to the interval. ``ball_radius`` may be a tensor broadcastable with ``nearest``; an
+    infinite ``d_i`` (no other pattern) gives 0.
     """
-    peak = 0.5 * (rho + math.sqrt(rho**2 + 4.0 * power / beta))
-    if isinstance(nearest, torch.Tensor):
-        finite = torch.isfinite(nearest)
-        upper = torch.clamp(nearest, min=2.0 * radius)
-        point = torch.minimum(torch.clamp(nearest, min=peak), upper)
-        point = torch.where(finite, point, torch.zeros_like(point))
-        value = point.pow(power) * torch.exp(-beta * (0.5 * point.square() - rho * point))
-        return torch.where(finite, value, torch.zeros_like(value))
-    if not math.isfinite(nearest):
-        return 0.0
-    point = min(max(nearest, peak), max(nearest, 2.0 * radius))
-    return point**power * math.exp(-beta * (0.5 * point**2 - rho * point))
+    ball_radius = torch.as_tensor(ball_radius, dtype=nearest.dtype, device=nearest.device)
+    peak = 0.5 * (ball_radius + torch.sqrt(ball_radius.square() + 4.0 * power / beta))
+    upper = torch.clamp(nearest, min=2.0 * radius)
+    point = torch.minimum(torch.maximum(nearest, peak), upper)
+    return _kernel_term(power, point, beta, ball_radius)
+
+
+def _nearest_condition(nearest: torch.Tensor, count: int, beta: float, rho: float, radius: float):
+    """Evaluate the nearest-neighbour condition; returns ``(certified, image, lipschitz)``."""
+    others = count - 1
+    image = others * _peak(1, nearest, beta, rho, radius)
+    inner = image.clamp(max=rho)
+    lipschitz = beta * others * _peak(2, nearest, beta, inner, radius)
+    certified = (nearest > 2.0 * rho) & (image <= rho) & (lipschitz < 1.0)
+    return certified, image, lipschitz
 
 
 def _holds(nearest: float, count: int, beta: float, rho: float, radius: float) -> bool:
-    image = (count - 1) * _peak(1, nearest, beta, rho, radius)
-    lipschitz = beta * (count - 1) * _peak(2, nearest, beta, rho, radius)
+    """Evaluate the nearest-neighbour condition for one float distance, as in
+    :func:`_nearest_condition` but with math functions, for the bisection's many calls."""
+
+    def peak(power: int, ball_radius: float) -> float:
+        top = 0.5 * (ball_radius + math.sqrt(ball_radius**2 + 4.0 * power / beta))
+        point = min(max(nearest, top), max(nearest, 2.0 * radius))
+        return point**power * math.exp(-beta * (0.5 * point**2 - ball_radius * point))
+
+    image = (count - 1) * peak(1, rho)
+    lipschitz = beta * (count - 1) * peak(2, min(image, rho))
     return nearest > 2.0 * rho and image <= rho and lipschitz < 1.0
+
+
+def _pairwise_condition(memories: torch.Tensor, beta: float, rho: float):
+    """Compute ``A_i`` and ``L_i`` from all pairwise distances, in blocks of rows.
+
+    ``A_i = sum_j d_ij exp(-beta phi_rho(d_ij))`` and
+    ``L_i = beta sum_j d_ij^2 exp(-beta phi_rho'(d_ij))`` with ``rho' = min(A_i, rho)``.
+    Differences are formed explicitly, as in :func:`nearest_neighbour_distances`.
+    """
+    num_patterns, dim = memories.shape
+    image = torch.zeros(num_patterns, dtype=memories.dtype, device=memories.device)
+    lipschitz = torch.zeros_like(image)
+    rows_per_block = max(1, _DIFFERENCE_BLOCK_ELEMENTS // (num_patterns * dim))
+    for start in range(0, num_patterns, rows_per_block):
+        stop = min(start + rows_per_block, num_patterns)
+        distance = (memories[start:stop, None, :] - memories[None, :, :]).norm(dim=-1)
+        rows = torch.arange(stop - start, device=memories.device)
+        distance[rows, rows + start] = math.inf
+        block_image = _kernel_term(1, distance, beta, rho).sum(-1)
+        inner = block_image.clamp(max=rho).unsqueeze(-1)
+        image[start:stop] = block_image
+        lipschitz[start:stop] = beta * _kernel_term(2, distance, beta, inner).sum(-1)
+    return image, lipschitz
 
 
 def separation_threshold(
     num_patterns: int, bandwidth: float, radius: float, ball_radius: float | None = None
 ) -> float:
-    """Return ``Delta*``, the separation above which :func:`storage_bound` certifies a pattern.
+    """Return ``Delta*``, the separation above which the nearest-neighbour condition holds.
 
-    The conditions of :func:`storage_bound` depend on ``Delta_i`` only through
-    ``d_i = sqrt(2 Delta_i)``, and each of ``M_1``, ``M_2`` is a maximum over ``[d_i, 2r]``, which
-    cannot grow as ``d_i`` grows. So the certified separations form an interval
-    ``(Delta*, 2 r^2]``, and ``Delta* = d*^2 / 2`` is found by bisection on d over ``[2 rho, 2 r]``.
-    A single pattern is always stored, so its threshold is 0; if even ``d_i = 2 r`` (antipodal
-    patterns) fails, the threshold is ``inf``.
+    That condition depends on ``Delta_i`` only through ``d_i = sqrt(2 Delta_i)``. Its image bound
+    ``(N - 1) M_1`` cannot grow as ``d_i`` grows, because ``M_1`` is a maximum over ``[d_i, 2r]``.
+    Its Lipschitz bound cannot grow either, because the interval shrinks and the inner radius
+    ``min((N - 1) M_1, rho)`` does not grow. So the certified separations form an interval
+    ``(Delta*, 2 r^2]``, and ``Delta* = d*^2 / 2`` is found by bisection on d over
+    ``[2 rho, 2 r]``. A single pattern is always stored, so its threshold is 0. If even
+    ``d_i = 2 r`` (antipodal patterns) fails, the threshold is ``inf``.
     """
     count = check_int("num_patterns", num_patterns)
     bandwidth = _scalar("bandwidth", bandwidth)
@@ -466,21 +526,27 @@ def storage_bound(
     num_patterns: int | None = None,
     ball_radius: float | None = None,
 ) -> StorageBound:
-    """Certify patterns as stored from their separations alone, by a contraction argument.
+    """Certify patterns as stored from their distances to the others, by a contraction argument.
 
-    Write ``d_i = sqrt(2 Delta_i)`` and ``phi(d) = d^2 / 2 - rho d``. For ``x`` in ``B_i`` and
-    ``j != i``, ``x . (x_i - x_j) >= phi(d_ij) >= phi(d_i)``, so the softmax weight ``w_j(x)`` is at
-    most ``exp(-beta phi(d_ij))``. Hence, with ``M_k`` the maximum of ``d^k exp(-beta phi(d))`` over
-    ``[d_i, 2r]``::
+    Write ``phi_rho(d) = d^2 / 2 - rho d`` and ``d_ij = |x_i - x_j|``. For ``x`` in ``B_i`` and
+    ``j != i``, ``|x - x_j|^2 - |x - x_i|^2 >= 2 phi_rho(d_ij)``, so the softmax weight ``w_j(x)``
+    is at most ``exp(-beta phi_rho(d_ij))``. Hence::
 
-        |F(x) - x_i| <= sum_j w_j d_ij <= (N - 1) M_1
-        |J_F(x)| = beta |Cov_w(x_n)| <= beta sum_j w_j d_ij^2 <= beta (N - 1) M_2
+        |F(x) - x_i| <= sum_j w_j(x) d_ij <= sum_j d_ij exp(-beta phi_rho(d_ij)) = A_i
+        |J_F(x)| = beta |Cov_w(x_n)| <= beta sum_j w_j(x) d_ij^2
 
     A pattern is certified when ``d_i > 2 rho`` (its ball is disjoint from the others),
-    ``(N - 1) M_1 <= rho`` (F maps ``B_i`` into itself) and ``beta (N - 1) M_2 < 1`` (F is a
-    contraction there), so Banach's theorem gives a unique fixed point in ``B_i`` that attracts
-    all of it. Since ``d_ij <= 2 r``, the simpler conditions ``2 r eps_i <= rho`` and
-    ``4 beta r^2 eps_i < 1`` with ``eps_i = (N - 1) exp(-beta phi(d_i))`` imply these.
+    ``A_i <= rho`` (F maps ``B_i`` into the ball of radius ``rho' = A_i`` around ``x_i``) and
+    ``L_i = beta sum_j d_ij^2 exp(-beta phi_rho'(d_ij)) < 1`` (F is a contraction on that smaller
+    ball, which it maps into itself). Banach's theorem then gives one fixed point in ``B_i``,
+    and every start in ``B_i`` converges to it.
+
+    The nearest-neighbour form replaces each ``d_ij`` by the worst distance in ``[d_i, 2r]``, so
+    it depends only on ``Delta_i = d_i^2 / 2``, N, r and h (``M_k`` is the maximum of
+    ``d^k exp(-beta phi(d))`` there): ``(N - 1) M_1 <= rho`` and ``beta (N - 1) M_2 < 1``, with
+    ``M_2`` taken at the inner radius. It implies the pairwise form. With only ``separations``
+    given, the pairwise form cannot be evaluated, and ``certified`` is the nearest-neighbour
+    form.
 
     :param torch.Tensor memories: patterns of shape (N, D) on the sphere of radius ``radius``, or
         None when ``separations`` is given.
@@ -509,27 +575,42 @@ def storage_bound(
             raise ValueError(
                 "separations must be a non-empty tensor of values >= 0 (inf for a lone pattern)."
             )
-    count = delta.numel() if num_patterns is None else check_int("num_patterns", num_patterns)
+    if num_patterns is None:
+        count = delta.numel()
+    elif memories is not None and num_patterns != delta.numel():
+        raise ValueError(
+            f"num_patterns must equal the number of memories ({delta.numel()}) when memories are "
+            f"given, but got {num_patterns}."
+        )
+    else:
+        count = check_int("num_patterns", num_patterns)
     rho = _ball_radius(ball_radius, bandwidth)
 
     beta = 1.0 / bandwidth**2
     nearest = torch.sqrt(2.0 * delta)
-    others = count - 1
     phi = torch.where(
         torch.isfinite(nearest),
         0.5 * nearest.square() - rho * nearest,
         torch.full_like(delta, math.inf),
     )
-    off_weight = (others * torch.exp(-beta * phi)).clamp(max=1.0)
-    image_radius = others * _peak(1, nearest, beta, rho, radius)
-    lipschitz = beta * others * _peak(2, nearest, beta, rho, radius)
-    certified = (nearest > 2.0 * rho) & (image_radius <= rho) & (lipschitz < 1.0)
+    off_weight = ((count - 1) * torch.exp(-beta * phi)).clamp(max=1.0)
+    certified_nearest, image_nearest, lipschitz_nearest = _nearest_condition(
+        nearest, count, beta, rho, radius
+    )
+    if memories is None:
+        certified, image, lipschitz = certified_nearest, image_nearest, lipschitz_nearest
+    else:
+        image, lipschitz = _pairwise_condition(memories, beta, rho)
+        certified = (nearest > 2.0 * rho) & (image <= rho) & (lipschitz < 1.0)
     return StorageBound(
         certified=certified,
+        certified_nearest=certified_nearest,
         separations=delta,
         off_weight=off_weight,
-        image_radius=image_radius,
+        image_radius=image,
         lipschitz=lipschitz,
+        image_radius_nearest=image_nearest,
+        lipschitz_nearest=lipschitz_nearest,
         threshold=separation_threshold(count, bandwidth, radius, rho),
         ball_radius=rho,
     )
@@ -616,14 +697,13 @@ def _uncertified_probability(num_patterns, dim, bandwidth, radius, ball_radius) 
     return inner_product_tail(1.0 - threshold / radius**2, dim)
 
 
-def certified_fraction(
+def nearest_certified_fraction(
     num_patterns: int, dim: int, bandwidth: float, radius: float, ball_radius: float | None = None
 ) -> float:
-    """Return the expected fraction of certified patterns among N uniform ones on the sphere.
+    """Return the expected fraction of N uniform patterns that the nearest-neighbour form certifies.
 
     Given ``x_i``, the cosines to the other N - 1 patterns are independent, so the probability that
-    all stay below ``s* = 1 - Delta* / r^2`` is exactly ``(1 - P(t >= s*))^(N - 1)``. Certified
-    patterns are stored, so this is also a lower bound on the expected stored fraction.
+    all stay below ``s* = 1 - Delta* / r^2`` is exactly ``(1 - P(t >= s*))^(N - 1)``.
     """
     num_patterns = check_int("num_patterns", num_patterns)
     if num_patterns == 1:
@@ -634,13 +714,190 @@ def certified_fraction(
     return math.exp((num_patterns - 1) * math.log1p(-tail))
 
 
+def growth_rate(
+    num_patterns: int, bandwidth: float, radius: float, ball_radius: float | None = None
+) -> float:
+    """Return ``b = -log(1 - s*^2) / 2``, the rate in D at which the nearest-neighbour bound grows.
+
+    Here ``s* = 1 - Delta*(N) / r^2``. For ``0 < s < 1`` the cosine's tail satisfies ``P(t >= s) <=
+    (1 - s^2)^((D - 1) / 2) / (s (D - 1) B((D - 1) / 2, 1 / 2))``. So the guaranteed N grows at
+    least like ``exp(b D)``, up to a factor polynomial in D, for as long as it stays below N. The
+    rate falls as N grows. It is 0 when ``s* <= 0`` (no growth in D) and ``inf`` when ``Delta* =
+    0``.
+    """
+    threshold = separation_threshold(num_patterns, bandwidth, radius, ball_radius)
+    cosine = 1.0 - threshold / _scalar("radius", radius) ** 2
+    if cosine <= 0.0:
+        return 0.0
+    if cosine >= 1.0:
+        return math.inf
+    return -0.5 * math.log1p(-(cosine**2))
+
+
+def high_dimensional_ceiling(
+    bandwidth: float, radius: float, ball_radius: float | None = None
+) -> float:
+    """Return ``1 + rho exp(beta r (r - rho)) / (r - rho)``, the most patterns stored as D -> inf.
+
+    Take the point ``x = (1 - rho / r) x_i`` of ``B_i``. Its logits are ``beta r (r - rho)`` for
+    ``x_i`` and ``beta (r - rho) r t_j`` for the others, and the cosines ``t_j`` of independent
+    uniform patterns tend to 0 as D grows with N fixed. In that limit ``F(x) - x_i`` has a
+    component ``-r (N - 1) / (exp(beta r (r - rho)) + N - 1)`` along ``x_i``, so ``F(B_i)`` lies in
+    ``B_i`` only if N is at most this value. It does not depend on D, so at fixed ``h / r`` the
+    capacity cannot grow exponentially in D without limit. ``inf`` when ``rho >= r``.
+    """
+    bandwidth = _scalar("bandwidth", bandwidth)
+    radius = _scalar("radius", radius)
+    rho = _ball_radius(ball_radius, bandwidth)
+    if rho >= radius:
+        return math.inf
+    return 1.0 + rho * math.exp(radius * (radius - rho) / bandwidth**2) / (radius - rho)
+
+
+# Quadrature and Chernoff grids of the pairwise bound for random patterns.
+_PANELS = 192
+_NODES_PER_PANEL = 8
+_INNER_RADII = tuple(2.0 ** (-0.5 * j) for j in range(12))
+_CHERNOFF_SLOPES = np.logspace(-3.0, 7.0, 121)
+
+
+@functools.lru_cache(maxsize=32)
+def _pairwise_moments(dim: int, bandwidth: float, radius: float, rho: float):
+    """Tabulate what the Chernoff bound of :func:`certified_fraction` needs, for one setting.
+
+    The angle theta between two uniform patterns has density ``sin^(D-2) theta / B((D-1)/2,
+    1/2)`` on ``[0, pi]``. The pairwise condition needs ``theta > theta_ball`` (``d > 2 rho``), so
+    ``[theta_ball, pi]`` is split into panels with Gauss-Legendre nodes. For each panel start
+    ``theta_k`` (a truncation ``t < s_k = cos theta_k``) and each slope lambda, this returns
+    ``log E[exp(lambda Y) 1{t < s_k}]`` for ``Y = u(t) = d exp(-beta phi_rho(d))`` and for
+    ``Y = v(t) = beta d^2 exp(-beta phi_rho'(d))`` at every inner radius rho', together with
+    ``P(t >= s_k)``. Returns None when no two patterns can have disjoint balls (``rho >= r``).
+    """
+    cosine_ball = 1.0 - 2.0 * (rho / radius) ** 2
+    if cosine_ball <= -1.0:
+        return None
+    beta = 1.0 / bandwidth**2
+    theta_ball = math.acos(cosine_ball)
+    edges = np.linspace(theta_ball, math.pi, _PANELS + 1)
+    points, weights = np.polynomial.legendre.leggauss(_NODES_PER_PANEL)
+    half = 0.5 * np.diff(edges)[:, None]
+    theta = (edges[:-1, None] + half * (points[None, :] + 1.0)).reshape(-1)
+    log_norm = math.lgamma(0.5 * (dim - 1)) + math.lgamma(0.5) - math.lgamma(0.5 * dim)
+    log_weight = (
+        np.log((half * weights[None, :]).reshape(-1)) + (dim - 2) * np.log(np.sin(theta)) - log_norm
+    )
+    distance = 2.0 * radius * np.sin(0.5 * theta)
+    phi = 0.5 * distance**2
+
+    def panel_suffix(log_terms):
+        # log sum over all nodes from panel k to the last, for every k, along the first axis.
+        per_panel = np.logaddexp.reduce(
+            log_terms.reshape(_PANELS, _NODES_PER_PANEL, *log_terms.shape[1:]), axis=1
+        )
+        return np.logaddexp.accumulate(per_panel[::-1], axis=0)[::-1]
+
+    slopes_image = _CHERNOFF_SLOPES / rho
+    image_terms = distance * np.exp(-beta * (phi - rho * distance))
+    log_image = panel_suffix(log_weight[:, None] + slopes_image[None, :] * image_terms[:, None])
+
+    inner = rho * np.asarray(_INNER_RADII)
+    lipschitz_terms = (
+        beta
+        * distance[:, None] ** 2
+        * np.exp(-beta * (phi[:, None] - inner[None, :] * distance[:, None]))
+    )
+    log_lipschitz = panel_suffix(
+        log_weight[:, None, None] + _CHERNOFF_SLOPES[None, None, :] * lipschitz_terms[:, :, None]
+    )
+    tails = np.array([inner_product_tail(math.cos(edge), dim) for edge in edges[:-1]])
+    return tails, slopes_image, log_image, inner, log_lipschitz
+
+
+def _pairwise_failure_bound(num_patterns: int, moments) -> float:
+    """Bound P(the pairwise condition fails for one pattern) by truncation and Chernoff.
+
+    For a truncation ``s_k``, an inner radius rho' and slopes lambda, mu >= 0::
+
+        P(fail) <= P(max_j t_j >= s_k) + P(sum_j u_j 1{t_j < s_k} > rho')
+                   + P(sum_j v_j 1{t_j < s_k} >= 1)
+                <= 1 - (1 - p_k)^(N-1) + exp(-lambda rho') E[exp(lambda U)]^(N-1)
+                   + exp(-mu) E[exp(mu V)]^(N-1)
+
+    with ``U = u(t) 1{t < s_k}`` and ``V = v(t) 1{t < s_k}``. Below ``s_k`` every distance exceeds
+    2 rho, ``A_i <= rho'`` makes the inner radius at most rho', and v grows with the inner radius,
+    so the three events cover every failure. Every grid point gives a valid bound; this returns the
+    smallest.
+    """
+    tails, slopes_image, log_image, inner, log_lipschitz = moments
+    others = num_patterns - 1
+    # A tail of exactly 1 (float rounding for a very negative s_k) makes that truncation useless;
+    # its -inf logarithm is the right value there.
+    with np.errstate(divide="ignore"):
+        log_tails = np.log(tails)
+        near = -np.expm1(others * np.log1p(-tails))
+    log_mgf_image = np.logaddexp(log_tails[:, None], log_image)
+    image_term = np.min(
+        -slopes_image[None, None, :] * inner[None, :, None] + others * log_mgf_image[:, None, :],
+        axis=-1,
+    )
+    log_mgf_lipschitz = np.logaddexp(log_tails[:, None, None], log_lipschitz)
+    lipschitz_term = np.min(-_CHERNOFF_SLOPES + others * log_mgf_lipschitz, axis=-1)
+    failure = (
+        near[:, None]
+        + np.exp(np.minimum(image_term, 0.0))
+        + np.exp(np.minimum(lipschitz_term, 0.0))
+    )
+    return float(failure.min())
+
+
+def certified_fraction(
+    num_patterns: int, dim: int, bandwidth: float, radius: float, ball_radius: float | None = None
+) -> float:
+    """Return a lower bound on the expected fraction of N uniform patterns that are stored.
+
+    It is the larger of two lower bounds on the probability that one pattern passes the pairwise
+    condition of :func:`storage_bound`. The first is the exact probability of the nearest-neighbour
+    form (:func:`nearest_certified_fraction`), which implies the pairwise one. The second is one
+    minus the truncated Chernoff bound of the failure probability. Certified patterns are stored, so
+    both bound the expected stored fraction from below. The Chernoff expectations are
+    one-dimensional integrals over the angle, computed by composite Gauss-Legendre quadrature (192
+    panels of 8 nodes).
+
+    :param int num_patterns: N >= 1.
+    :param int dim: D >= 2.
+    :param float bandwidth: h > 0.
+    :param float radius: r > 0.
+    :param float ball_radius: rho > 0; default ``h / 2``.
+    :returns: a float in [0, 1].
+    """
+    num_patterns = check_int("num_patterns", num_patterns)
+    dim = check_int("dim", dim, minimum=2)
+    bandwidth = _scalar("bandwidth", bandwidth)
+    radius = _scalar("radius", radius)
+    rho = _ball_radius(ball_radius, bandwidth)
+    nearest = nearest_certified_fraction(num_patterns, dim, bandwidth, radius, rho)
+    if num_patterns == 1:
+        return nearest
+    moments = _pairwise_moments(dim, bandwidth, radius, rho)
+    if moments is None:
+        return nearest
+    return max(nearest, 1.0 - _pairwise_failure_bound(num_patterns, moments))
+
+
 def all_certified_probability(
     num_patterns: int, dim: int, bandwidth: float, radius: float, ball_radius: float | None = None
 ) -> float:
-    """Return the union bound ``1 - N (N - 1) / 2 P(t >= s*)`` on P(every pattern is certified)."""
+    """Return a lower bound on P(every one of N uniform patterns is certified).
+
+    It is the larger of the union bound over pairs for the nearest-neighbour form,
+    ``1 - N (N - 1) / 2 P(t >= s*)``, and the union bound over patterns,
+    ``1 - N (1 - certified_fraction)``.
+    """
     num_patterns = check_int("num_patterns", num_patterns)
     tail = _uncertified_probability(num_patterns, dim, bandwidth, radius, ball_radius)
-    return max(0.0, 1.0 - 0.5 * num_patterns * (num_patterns - 1) * tail)
+    pairs = 1.0 - 0.5 * num_patterns * (num_patterns - 1) * tail
+    fraction = certified_fraction(num_patterns, dim, bandwidth, radius, ball_radius)
+    return max(0.0, pairs, 1.0 - num_patterns * (1.0 - fraction))
 
 
 def capacity_lower_bound(
@@ -654,17 +911,27 @@ def capacity_lower_bound(
 ) -> int:
     """Return the largest N that the bound guarantees for uniform random patterns.
 
-    With ``criterion="fraction"`` it is the largest N whose expected certified fraction
-    (:func:`certified_fraction`) is at least ``1 - delta``; with ``"all"`` the largest N whose union
-    bound (:func:`all_certified_probability`) is at least ``1 - delta``. Both decrease in N, so the
-    search doubles N and then bisects. The answer is capped at ``max_patterns``.
+    With ``criterion="fraction"`` it is the largest N whose bound on the expected stored fraction
+    (:func:`certified_fraction`) is at least ``1 - delta``. With ``"all"`` it is the largest N whose
+    bound on P(every pattern is certified) (:func:`all_certified_probability`) is at least
+    ``1 - delta``. With ``"nearest"`` it is the largest N whose nearest-neighbour fraction
+    (:func:`nearest_certified_fraction`) is at least ``1 - delta``, the closed form that the
+    derivation analyses. All three decrease in N, so the search doubles N and then bisects. The
+    answer is capped at ``max_patterns``.
     """
     check_interval("delta", delta, 0.0, 1.0)
     if delta == 0.0:
         raise ValueError("delta must be in (0, 1), but got 0.0.")
-    if criterion not in ("fraction", "all"):
-        raise ValueError(f"criterion must be 'fraction' or 'all', but got {criterion!r}.")
-    measure = certified_fraction if criterion == "fraction" else all_certified_probability
+    measures = {
+        "fraction": certified_fraction,
+        "all": all_certified_probability,
+        "nearest": nearest_certified_fraction,
+    }
+    if criterion not in measures:
+        raise ValueError(
+            f"criterion must be 'fraction', 'all' or 'nearest', but got {criterion!r}."
+        )
+    measure = measures[criterion]
 
     def holds(count: int) -> bool:
         return measure(count, dim, bandwidth, radius, ball_radius) >= 1.0 - delta
@@ -994,7 +1261,10 @@ __all__ = [
     "check_on_sphere",
     "default_ball_radius",
     "fit_exponential_growth",
+    "growth_rate",
+    "high_dimensional_ceiling",
     "inner_product_tail",
+    "nearest_certified_fraction",
     "nearest_neighbour_distances",
     "regularized_incomplete_beta",
     "separation_threshold",

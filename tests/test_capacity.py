@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.integrate
 import scipy.special
 import scipy.stats
 import torch
@@ -12,11 +13,15 @@ from hypothesis import strategies as st
 
 from pyro_am import DenseAMEnergy, GaussianKDEEnergy, retrieve
 from pyro_am.capacity import (
+    _pairwise_moments,
     all_certified_probability,
     capacity_curve,
     capacity_lower_bound,
     certified_fraction,
+    growth_rate,
+    high_dimensional_ceiling,
     inner_product_tail,
+    nearest_certified_fraction,
     nearest_neighbour_distances,
     regularized_incomplete_beta,
     separation_threshold,
@@ -119,6 +124,25 @@ def test_small_bandwidth_stores_every_distinct_pattern(device):
     assert bool(result.stored.all())
     # With h far below every distance, each pattern is its own fixed point to rounding.
     assert float(result.distances.max()) < 1e-10
+    # The bound's off-pattern weights are at most exp(-(d / h)^2 / 2 + d / (2 h)) <= e^-180 here,
+    # so it certifies every pattern as well.
+    assert bool(storage_bound(memories, 0.05 * nearest, 1.0).certified.all())
+
+
+@pytest.mark.parametrize("dim", [2, 5])
+def test_stored_fraction_tends_to_one_as_bandwidth_shrinks(device, dim):
+    memories = uniform_on_sphere(30, dim, generator=_generator(device, 4), device=device)
+    nearest = float(nearest_neighbour_distances(memories)[0].min())
+    fractions = [
+        stored_patterns(memories, factor * nearest, generator=_generator(device)).fraction
+        for factor in (4.0, 1.0, 0.3, 0.1)
+    ]
+    # For these draws the fraction rises as h shrinks. At h = d_min / 10 the off-pattern weights in
+    # a ball are below 30 exp(-45), so the bound certifies, and the check stores, every pattern.
+    assert fractions == sorted(fractions)
+    assert fractions[0] < 1.0
+    assert fractions[-1] == 1.0
+    assert bool(storage_bound(memories, 0.1 * nearest, 1.0).certified.all())
 
 
 def test_duplicate_patterns_are_not_stored(device):
@@ -130,24 +154,42 @@ def test_duplicate_patterns_are_not_stored(device):
     assert bool(result.stored[1:-1].all())
 
 
-def test_large_bandwidth_leaves_one_fixed_point(device):
+@pytest.mark.parametrize("ratio", [2.0, 10.0])
+def test_large_bandwidth_leaves_one_fixed_point(device, ratio):
     radius = 1.0
     memories = uniform_on_sphere(12, 4, radius, generator=_generator(device), device=device)
-    energy = GaussianKDEEnergy(memories, 10.0 * radius)
+    energy = GaussianKDEEnergy(memories, ratio * radius)
     starts = 3.0 * torch.randn(
         200, 4, generator=_generator(device, 2), dtype=torch.float64, device=device
     )
     result = retrieve(energy, starts, max_steps=2000, tol=1e-12)
     assert bool(result.converged.all())
-    # The map is a contraction with factor beta * r^2 <= 0.01 everywhere, so every start ends at
-    # one point: the fixed point near the centroid.
+    # The Jacobian beta Cov_w(x_n) has norm at most beta r^2 = 1 / ratio^2 < 1 everywhere, so F is
+    # a global contraction: every start ends at its one fixed point. tol = 1e-12 leaves an error
+    # of at most tol / (1 - 1 / ratio^2) < 2e-12.
     spread = (result.states - result.states[0]).norm(dim=-1).max()
     assert float(spread) < 1e-9
+    # That point is a softmax-weighted mean whose weights differ from 1 / N by a factor of at most
+    # exp(2 r^2 / h^2), so it lies near the centroid.
     centroid = memories.mean(dim=0)
-    assert float((result.states[0] - centroid).norm()) < 0.02 * radius
+    assert float((result.states[0] - centroid).norm()) < 2.0 * radius / ratio**2
     assert not bool(
-        stored_patterns(memories, 10.0 * radius, generator=_generator(device)).stored.any()
+        stored_patterns(memories, ratio * radius, generator=_generator(device)).stored.any()
     )
+
+
+@pytest.mark.parametrize("dim", [400, 1000])
+def test_high_dimension_cannot_store_past_ceiling(device, dim):
+    # At h = r / 2 the D -> inf ceiling 1 + rho exp(beta r (r - rho)) / (r - rho) is 7.7, whatever
+    # D. Random patterns in D >= 400 are nearly orthogonal (|t| of order 1 / sqrt(D)), far apart
+    # (d ~ sqrt(2) r >> 2 rho), and yet 12 of them leave none stored, while 4 are all stored.
+    ceiling = high_dimensional_ceiling(0.5, 1.0)
+    assert ceiling == pytest.approx(1 + 0.25 * math.exp(0.75 / 0.25) / 0.75, rel=1e-12)
+    for count, expected in ((4, 1.0), (12, 0.0)):
+        memories = uniform_on_sphere(count, dim, generator=_generator(device, count), device=device)
+        result = stored_patterns(memories, 0.5, radius=1.0, generator=_generator(device))
+        assert bool(result.disjoint.all())
+        assert result.fraction == expected
 
 
 def test_two_patterns_merge_below_twice_bandwidth(device):
@@ -228,6 +270,9 @@ def test_bound_never_violated(seed, num_patterns, dim, log_bandwidth, radius, cl
     verdict = stored_patterns(
         memories, bandwidth, radius, max_steps=20_000, generator=torch.Generator().manual_seed(seed)
     )
+    # The nearest-neighbour form replaces every distance by a worse one, so it implies the pairwise
+    # form.
+    assert not bool((bound.certified_nearest & ~bound.certified).any())
     certified_but_not_stored = bound.certified & ~verdict.stored
     assert not bool(certified_but_not_stored.any()), (
         f"certified but not stored: {certified_but_not_stored.nonzero().flatten().tolist()}"
@@ -289,30 +334,127 @@ def test_storage_bound_rejects_bad_input():
         storage_bound(None, 0.3, 1.0, separations=torch.ones(4), num_patterns=0)
 
 
-def test_certified_fraction_matches_monte_carlo():
+def test_nearest_fraction_matches_monte_carlo():
     num_patterns, dim, bandwidth = 6, 10, 0.25
     generator = torch.Generator().manual_seed(5)
     draws = 1500
     memories = uniform_on_sphere(draws * num_patterns, dim, generator=generator)
-    certified = torch.stack(
-        [storage_bound(block, bandwidth, 1.0).certified for block in memories.split(num_patterns)]
-    ).double()
-    expected = certified_fraction(num_patterns, dim, bandwidth, 1.0)
+    bounds = [storage_bound(block, bandwidth, 1.0) for block in memories.split(num_patterns)]
+    nearest = torch.stack([bound.certified_nearest for bound in bounds]).double()
+    expected = nearest_certified_fraction(num_patterns, dim, bandwidth, 1.0)
     assert 0.2 < expected < 0.95
     # The mean over 9000 patterns (1500 independent sets) has standard error below 0.013.
-    assert abs(float(certified.mean()) - expected) < 0.04
-    all_certified = float(certified.all(dim=-1).double().mean())
-    # The union bound lower-bounds P(all certified); allow three standard errors (0.013 each).
-    assert all_certified >= all_certified_probability(num_patterns, dim, bandwidth, 1.0) - 0.04
+    assert abs(float(nearest.mean()) - expected) < 0.04
+    all_certified = torch.stack([bound.certified.all() for bound in bounds]).double().mean()
+    # The union bounds lower-bound P(all certified); allow three standard errors (0.013 each).
+    assert (
+        float(all_certified) >= all_certified_probability(num_patterns, dim, bandwidth, 1.0) - 0.04
+    )
+
+
+@pytest.mark.parametrize(
+    ("num_patterns", "dim", "bandwidth"), [(16, 32, 1 / 3), (8, 16, 1 / 3), (40, 24, 0.25)]
+)
+def test_certified_fraction_bounds_monte_carlo(num_patterns, dim, bandwidth):
+    generator = torch.Generator().manual_seed(11)
+    draws = max(40, 1200 // num_patterns)
+    memories = uniform_on_sphere(draws * num_patterns, dim, generator=generator)
+    bounds = [storage_bound(block, bandwidth, 1.0) for block in memories.split(num_patterns)]
+    pairwise = torch.stack([bound.certified for bound in bounds]).double().mean()
+    nearest = torch.stack([bound.certified_nearest for bound in bounds]).double().mean()
+
+    lower = certified_fraction(num_patterns, dim, bandwidth, 1.0)
+    # The Chernoff bound must improve on the nearest-neighbour form where the latter is weak.
+    assert lower > nearest_certified_fraction(num_patterns, dim, bandwidth, 1.0) + 0.1
+    # It bounds the pairwise certificate's probability from below. The Monte Carlo mean over
+    # >= 1200 patterns has standard error <= 0.015 at p >= 0.7; allow three of them.
+    assert float(pairwise) >= lower - 0.045
+    assert float(pairwise) >= float(nearest)
+
+
+@pytest.mark.parametrize("dim", [2, 7, 40])
+def test_pairwise_moments_match_scipy_quadrature(dim):
+    bandwidth, radius = 0.3, 1.0
+    rho = bandwidth / 2
+    tails, slopes_image, log_image, _, _ = _pairwise_moments(dim, bandwidth, radius, rho)
+    beta = 1 / bandwidth**2
+    log_norm = math.log(scipy.special.beta(0.5 * (dim - 1), 0.5))
+    for panel in (0, 60, 150):
+        theta_k = (
+            math.acos(1 - 2 * (rho / radius) ** 2)
+            + panel * (math.pi - math.acos(1 - 2 * (rho / radius) ** 2)) / 192
+        )
+        # The density integrates to P(t < s_k), which SciPy's beta law gives independently.
+        shape = 0.5 * (dim - 1)
+        assert tails[panel] == pytest.approx(
+            scipy.stats.beta.sf(0.5 * (1 + math.cos(theta_k)), shape, shape), rel=1e-9
+        )
+        for index in (0, 40, 60):
+            slope = slopes_image[index]
+
+            def log_integrand(theta, slope=slope):
+                distance = 2 * radius * math.sin(theta / 2)
+                term = distance * math.exp(-beta * (distance**2 / 2 - rho * distance))
+                return (dim - 2) * math.log(math.sin(theta)) - log_norm + slope * term
+
+            grid = np.linspace(theta_k, math.pi, 2001)[:-1]
+            shift = max(log_integrand(theta) for theta in grid)
+            value, _ = scipy.integrate.quad(
+                lambda theta, f=log_integrand, c=shift: math.exp(f(theta) - c),
+                theta_k,
+                math.pi,
+                limit=400,
+                epsabs=0,
+            )
+            # Adaptive quadrature and 8-node Gauss-Legendre panels on a smooth integrand agree
+            # to far better than 1e-8 relative; the bound needs only a few digits.
+            assert log_image[panel, index] == pytest.approx(math.log(value) + shift, rel=1e-8)
 
 
 def test_capacity_lower_bound_grows_with_dim():
-    bounds = [capacity_lower_bound(dim, 0.2, 1.0, 0.05) for dim in (2, 8, 32, 64)]
+    dims = (2, 8, 16, 32)
+    bounds = [capacity_lower_bound(dim, 0.25, 1.0, 0.05) for dim in dims]
     assert bounds == sorted(bounds)
     assert bounds[-1] > 10 * bounds[1]
-    for dim, value in zip((2, 8, 32, 64), bounds, strict=True):
-        assert certified_fraction(value, dim, 0.2, 1.0) >= 0.95
-        assert certified_fraction(value + 1, dim, 0.2, 1.0) < 0.95
+    for dim, value in zip(dims, bounds, strict=True):
+        assert certified_fraction(value, dim, 0.25, 1.0) >= 0.95
+        assert certified_fraction(value + 1, dim, 0.25, 1.0) < 0.95
+    nearest = [capacity_lower_bound(dim, 0.25, 1.0, 0.05, criterion="nearest") for dim in dims]
+    # The Chernoff bound contains the nearest-neighbour form, so it can only be larger.
+    assert all(a >= b for a, b in zip(bounds, nearest, strict=True))
+
+
+def test_nearest_bound_saturates_in_dim():
+    # At fixed h / r the nearest-neighbour condition fails for every pattern once N exceeds
+    # 1 + rho exp(beta phi_rho(2 r)) / (2 r), whatever D (with d = 2 r past the peak of M_1).
+    bandwidth, radius = 1 / 3, 1.0
+    rho, beta = bandwidth / 2, 9.0
+    ceiling = 1 + rho * math.exp(beta * (2 * radius**2 - 2 * rho * radius)) / (2 * radius)
+    assert separation_threshold(int(ceiling) + 1, bandwidth, radius) == math.inf
+    large = [
+        capacity_lower_bound(dim, bandwidth, radius, criterion="nearest") for dim in (256, 1024)
+    ]
+    assert all(value < ceiling for value in large)
+
+
+def test_growth_rate_bounds_slope_of_nearest_bound():
+    bandwidth, radius, delta = 0.25, 1.0, 0.05
+    dims = np.arange(8, 65, 8)
+    n_max = np.array(
+        [
+            capacity_lower_bound(int(dim), bandwidth, radius, delta, criterion="nearest")
+            for dim in dims
+        ]
+    )
+    rates = np.array([growth_rate(int(count), bandwidth, radius) for count in n_max])
+    slopes = np.diff(np.log(n_max)) / np.diff(dims)
+    assert bool((slopes > 0).all())
+    # The threshold cosine s* falls as N grows, so the local rate falls too and bounds the slope
+    # from above: log N_max grows with D, but ever more slowly.
+    assert bool((np.diff(rates) < 0).all())
+    assert bool((slopes <= rates[:-1]).all())
+    assert growth_rate(1, bandwidth, radius) == math.inf
+    assert growth_rate(10**9, bandwidth, radius) == 0.0
 
 
 # -- capacity curves -----------------------------------------------------------------------------
