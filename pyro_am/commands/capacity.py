@@ -7,9 +7,9 @@ largest N with a mean stored fraction of at least ``1 - delta``), the analytic b
 (:func:`pyro_am.capacity.capacity_lower_bound`) and the fits ``log N_max = a + b D``.
 
 Files written to ``--out``: ``capacity.png`` (curves), ``capacity.csv`` (one row per D and N) and
-``capacity.json`` (settings, N_max, fits and the same rows). The default bandwidth is ``r / 3``,
-for which N_max is about 100 at D = 32, so the default sweep stays small while the curves still
-show both the growth in D and the crowding limit.
+``capacity.json`` (settings, N_max, fits and the same rows). The default bandwidth is ``r / 3``.
+With it the default grid measured N_max = 128 at D = 32, so the sweep stays small while the curves
+still show both the growth in D and the crowding limit at small D.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from pyro_am.capacity import CapacityCurve, capacity_curve
+from pyro_am.capacity import CapacityCurve, capacity_curve, high_dimensional_ceiling
 from pyro_am.cli import UsageError
 from pyro_am.commands.retrieve import resolve_device
 
@@ -83,6 +83,8 @@ def format_summary(curve: CapacityCurve) -> str:
         lines.append(f"{dim:>4} {value:>7d}{marker} {bound:>12d}")
     for name, (a, b) in curve.fits.items():
         lines.append(f"fit log N_max = a + b D ({name}): a = {a:.3f}, b = {b:.4f}")
+    ceiling = high_dimensional_ceiling(curve.bandwidth, curve.radius, curve.ball_radius)
+    lines.append(f"as D -> inf, at most {ceiling:.4g} patterns can be stored (whatever the draw)")
     if bool(curve.censored.any()):
         lines.append(
             "+ : every N of the grid passed, so N_max may be larger; extend --num-patterns"

@@ -41,6 +41,8 @@ def test_capacity_writes_outputs(tmp_path, capsys):
     assert summary["settings"]["dtype"] == "float64"
     assert set(summary["fits"]) == {"numerical", "bound"}
     assert "bound N_max" in printed
+    # h = 0.3, r = 1, rho = 0.15: 1 + rho exp(r (r - rho) / h^2) / (r - rho) = 2231.2.
+    assert "at most 2231 patterns" in printed
 
     # The command is a thin wrapper: the same settings give the same numbers from the library.
     curve = capacity_curve(
