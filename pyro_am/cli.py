@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "pyro_am.commands.fit",
     "pyro_am.commands.bench",
     "pyro_am.commands.capacity",
+    "pyro_am.commands.icl",
 )
 
 USAGE_ERROR = 2
