@@ -99,6 +99,13 @@ def collective_device(group=None) -> torch.device:
     return torch.device("cpu")
 
 
+def barrier(group=None) -> None:
+    """Wait until every rank of ``group`` reaches this call (a no-op without a process group)."""
+    if get_world_size(group) > 1:
+        flag = torch.zeros(1, device=collective_device(group))
+        dist.all_reduce(flag, group=group)
+
+
 def shutdown() -> None:
     """Destroy the default process group if one is active."""
     if is_initialized():
@@ -302,6 +309,7 @@ __all__ = [
     "all_reduce_gradients",
     "all_reduce_max",
     "all_reduce_sum",
+    "barrier",
     "broadcast_object",
     "collective_device",
     "default_backend",

@@ -274,8 +274,11 @@ def fit_cavi_parallel(
     finally:
         bar.close()
         _dp_fit._write_back(memory, posterior, centre, total.counts)
-    if checkpoint is not None and is_writer:
-        _dp_fit.save_checkpoint(memory, checkpoint, record)
+    if checkpoint is not None:
+        if is_writer:
+            _dp_fit.save_checkpoint(memory, checkpoint, record)
+        # The other ranks may read the checkpoint next (to resume), so they wait for the write.
+        distributed.barrier(group)
     logger.info(
         "data-parallel CAVI on %d ranks stopped after %d iterations with %d memories",
         distributed.get_world_size(group),

@@ -170,6 +170,8 @@ def fit_svi_parallel(
         (memory.memory_counts,) = distributed.all_reduce_sum([local.counts], group)
     if checkpoint is not None and optimizer is not None:
         write_checkpoint()
+        # The other ranks may read the checkpoint next (to resume), so they wait for the write.
+        distributed.barrier(group)
     logger.info(
         "data-parallel SVI on %d ranks stopped after %d steps",
         world_size,

@@ -235,6 +235,8 @@ def fit_stream(
         _dp_fit._write_back(memory, posterior, centre, counts)
     if checkpoint is not None:
         save()
+        # The other ranks may read the checkpoint next (to resume), so they wait for the write.
+        distributed.barrier(group)
     logger.info(
         "streaming SVI stopped after %d steps (%d epochs) with %d memories",
         record["iteration"],

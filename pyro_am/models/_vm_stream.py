@@ -193,8 +193,11 @@ def fit_stream(
         bar.close()
     memory._set_parameters(locs, log_weights, variances.sqrt())
     memory.reset_assignments()
-    if checkpoint is not None and rank == 0 and averages is not None:
-        _save(memory, checkpoint, averages, position)
+    if checkpoint is not None and averages is not None:
+        if rank == 0:
+            _save(memory, checkpoint, averages, position)
+        # The other ranks may read the checkpoint next (to resume), so they wait for the write.
+        distributed.barrier(group)
     logger.info(
         "stepwise EM: %d steps, last batch ELBO per datum %.6g",
         memory.n_iter_,

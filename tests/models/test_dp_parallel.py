@@ -54,16 +54,46 @@ def _fit_all(data, distributed_fit, stream_source):
     }
 
 
-def _parallel_worker(rank, world_size, data):
+def _resumed(block, directory):
+    """Fit in two parts through a checkpoint that rank 0 writes and every rank reads."""
+    parameters = {}
+    for method, split, total, truncation in [("cavi", 4, 60, 2), ("svi", 15, 40, 4)]:
+        path = f"{directory}/{method}.pt"
+        seed = 1 if method == "cavi" else 2
+        first = _memory(truncation)
+        first_result = first.fit(
+            block, method, max_iter=split, seed=seed, checkpoint=path, progress=False,
+            distributed=True,
+        )  # fmt: skip
+        # A different seed: only a resumed run reproduces the uninterrupted one.
+        resumed = _memory(truncation)
+        result = resumed.fit(
+            block, method, max_iter=total, seed=99, checkpoint=path, resume=True,
+            progress=False, distributed=True,
+        )  # fmt: skip
+        parameters[method] = {
+            "first_elbo": first_result.elbo,
+            "elbo": result.elbo,
+            "parameters": resumed.variational_parameters(),
+        }
+    return parameters
+
+
+def _parallel_worker(rank, world_size, data, directory):
     start, stop = distributed.shard_bounds(data.shape[0], rank, world_size)
     # The streaming source is the whole array: each rank keeps its rows of every batch.
-    return _fit_all(data[start:stop], True, data)
+    results = _fit_all(data[start:stop], True, data)
+    results["resumed"] = _resumed(data[start:stop], directory)
+    return results
 
 
 @pytest.fixture(scope="module")
-def fits():
+def fits(tmp_path_factory):
     data = _blobs()
-    parallel = distributed.launch_local(_parallel_worker, 2, args=(data,), timeout_seconds=240)
+    directory = str(tmp_path_factory.mktemp("checkpoints"))
+    parallel = distributed.launch_local(
+        _parallel_worker, 2, args=(data, directory), timeout_seconds=240
+    )
     return parallel, _fit_all(data, False, data)
 
 
@@ -90,3 +120,19 @@ def test_cavi_reference_creates_memories(fits):
     kinds = [event["kind"] for event in single["cavi"]["events"]]
     assert "created" in kinds
     assert single["cavi"]["parameters"]["memory_loc"].shape[0] >= 4
+
+
+@pytest.mark.parametrize("method", ["cavi", "svi"])
+def test_two_ranks_resume_from_checkpoint(fits, method):
+    parallel, _ = fits
+    split = 4 if method == "cavi" else 15
+    for result in parallel:
+        resumed = result["resumed"][method]
+        assert len(resumed["first_elbo"]) == split
+        # The resumed record starts with the checkpoint's trace.
+        assert resumed["elbo"][:split] == resumed["first_elbo"]
+        assert len(resumed["elbo"]) == len(result[method]["elbo"])
+        for name, value in result[method]["parameters"].items():
+            # The checkpoint stores float64 parameters, which round-trip through the positive
+            # constraint's transform, so the resumed run differs by rounding only.
+            torch.testing.assert_close(resumed["parameters"][name], value, rtol=1e-9, atol=1e-9)
