@@ -103,6 +103,7 @@ def fit_stream(
     warm_start=False,
     init_size=None,
     dtype=None,
+    device=None,
     progress=True,
     checkpoint=None,
     checkpoint_every=10,
@@ -118,7 +119,13 @@ def fit_stream(
         seed = int(torch.randint(2**31, ()).item())
     seed = distributed.broadcast_object(check_int("seed", seed, minimum=0), 0, group)
     stream = minibatches(
-        source, batch_size, num_data=num_data, shuffle=shuffle, seed=seed, dtype=dtype
+        source,
+        batch_size,
+        num_data=num_data,
+        shuffle=shuffle,
+        seed=seed,
+        dtype=dtype,
+        device=device,
     )
     if num_epochs > 1 and not stream.reiterable:
         raise ValueError(

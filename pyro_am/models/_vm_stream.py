@@ -107,6 +107,7 @@ def fit_stream(
     seed=0,
     warm_start=False,
     dtype=None,
+    device=None,
     checkpoint=None,
     checkpoint_every=10,
     resume=False,
@@ -117,7 +118,7 @@ def fit_stream(
         num_epochs, max_steps, step_size_offset, step_size_exponent, checkpoint_every, resume,
         checkpoint,
     )  # fmt: skip
-    stream = minibatches(source, batch_size, shuffle=shuffle, seed=seed, dtype=dtype)
+    stream = minibatches(source, batch_size, shuffle=shuffle, seed=seed, dtype=dtype, device=device)
     if num_epochs > 1 and not stream.reiterable:
         raise ValueError(
             f"num_epochs={num_epochs} needs a source that can be iterated again, but the source "

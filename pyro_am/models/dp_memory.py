@@ -670,8 +670,8 @@ class DPMemory(PyroModule):
             array or file source in a new order every epoch, default True), ``seed`` (seeds the
             initialization on the first batch and the block order), ``warm_start`` (start from
             the current parameters), ``init_size`` (rows of the first batch that seed k-means;
-            None uses all of it), ``dtype`` (of the batches and the fit; None keeps the
-            source's float dtype), ``progress``, ``checkpoint``, ``checkpoint_every`` (steps),
+            None uses all of it), ``dtype`` and ``device`` (of the batches and the fit; None
+            keeps the source's), ``progress``, ``checkpoint``, ``checkpoint_every`` (steps),
             ``resume`` and ``group`` (the process group).
         :returns: a :class:`DPFitResult` with ``method="stream"``. Its ``elbo`` holds, for each
             step, the batch estimate of the ELBO of the parameters before that step.

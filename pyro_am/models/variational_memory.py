@@ -467,8 +467,8 @@ class VariationalMemory(PyroModule):
         :param int batch_size: rows per batch for array and file sources.
         :param options: ``num_epochs`` (default 1), ``max_steps``, ``step_size_offset`` (tau,
             default 1.0), ``step_size_exponent`` (kappa in [0, 1], default 0.7), ``shuffle``
-            (default True), ``seed`` (block order), ``warm_start``, ``dtype`` (of the batches;
-            None keeps the source's float dtype), ``checkpoint``,
+            (default True), ``seed`` (block order), ``warm_start``, ``dtype`` and ``device``
+            (of the batches; None keeps the source's), ``checkpoint``,
             ``checkpoint_every``, ``resume`` and ``group`` (a ``torch.distributed`` group).
         :returns: self. ``elbo_history_`` holds each batch's ELBO per datum before its step.
         :raises RuntimeError: if the ELBO or a parameter becomes NaN or infinite; the parameters

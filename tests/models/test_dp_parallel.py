@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pyro_am import distributed
-from pyro_am.models import DPMemory
+from pyro_am.models import DPMemory, VariationalMemory
 
 DIM = 3
 
@@ -84,7 +84,21 @@ def _parallel_worker(rank, world_size, data, directory):
     # The streaming source is the whole array: each rank keeps its rows of every batch.
     results = _fit_all(data[start:stop], True, data)
     results["resumed"] = _resumed(data[start:stop], directory)
+    results["variational"] = _variational_stream(data)
+    # Rank 0 passes one batch more than rank 1, which every rank must detect.
+    batches = [data[index * 40 : (index + 1) * 40] for index in range(3 - rank)]
+    try:
+        _memory().fit_stream(batches, num_data=240, seed=0, progress=False)
+        results["mismatch"] = None
+    except ValueError as error:
+        results["mismatch"] = str(error)
     return results
+
+
+def _variational_stream(data):
+    memory = VariationalMemory(4, DIM, name="parallel_variational")
+    memory.fit_stream(data, batch_size=50, num_epochs=2, seed=3)
+    return {"elbo": torch.tensor(memory.elbo_history_), "locs": memory.locs.detach()}
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +108,9 @@ def fits(tmp_path_factory):
     parallel = distributed.launch_local(
         _parallel_worker, 2, args=(data, directory), timeout_seconds=240
     )
-    return parallel, _fit_all(data, False, data)
+    single = _fit_all(data, False, data)
+    single["variational"] = _variational_stream(data)
+    return parallel, single
 
 
 @pytest.mark.parametrize("method", ["cavi", "svi", "stream"])
@@ -136,3 +152,19 @@ def test_two_ranks_resume_from_checkpoint(fits, method):
             # The checkpoint stores float64 parameters, which round-trip through the positive
             # constraint's transform, so the resumed run differs by rounding only.
             torch.testing.assert_close(resumed["parameters"][name], value, rtol=1e-9, atol=1e-9)
+
+
+def test_two_ranks_stream_variational_memory(fits):
+    parallel, single = fits
+    reference = single["variational"]
+    for result in parallel:
+        # float64 stepwise EM whose batch sums are all-reduced: rounding differences only.
+        tolerance = dict(rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(result["variational"]["elbo"], reference["elbo"], **tolerance)
+        torch.testing.assert_close(result["variational"]["locs"], reference["locs"], **tolerance)
+
+
+def test_two_ranks_unequal_batch_counts_raise(fits):
+    parallel, _ = fits
+    for result in parallel:
+        assert "yielded different numbers of batches" in result["mismatch"]
