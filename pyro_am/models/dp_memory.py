@@ -566,7 +566,9 @@ class DPMemory(PyroModule):
             ``data`` and the same other arguments, the sufficient statistics (CAVI) or gradients
             (SVI) are all-reduced, and every rank ends with the memory that one process fits to
             the blocks concatenated in rank order. Rank 0 writes the checkpoints. See
-            :mod:`pyro_am.models._dp_parallel`.
+            :mod:`pyro_am.models._dp_parallel`. NOTE: the k-means initialization gathers every
+            block on every rank, so for data that do not fit in one process use
+            :meth:`fit_stream` (which takes ``group``) instead.
         :returns: a :class:`DPFitResult`.
         """
         if method not in METHODS:
