@@ -12,4 +12,5 @@ BENCHMARK_MODULES = (
     "pyro_am.benchmarks.vmf_attention",
     "pyro_am.benchmarks.streaming",
     "pyro_am.benchmarks.sharded",
+    "pyro_am.benchmarks.icl",
 )

@@ -220,7 +220,9 @@ def run_sample(args) -> int:
     samples = sample_in_context(
         model, context[None], sizes, args.num_samples, config, generator, args.langevin_steps
     )[0]
-    paths = icl_io.write_samples(args.out, samples.cpu().numpy(), context.cpu().numpy(), sizes)
+    paths = icl_io.write_samples(
+        args.out, samples.cpu().numpy(), context.cpu().numpy(), sizes, args.figure
+    )
     print(f"drew {args.num_samples} samples for n in {sizes}; wrote {', '.join(paths)}")
     return 0
 
@@ -236,7 +238,9 @@ def run_landscape(args) -> int:
     from pyro_am.models.icl_evaluation import landscape
 
     xs, ys, energies = landscape(model, context, sizes, limits, args.resolution)
-    paths = icl_io.write_landscape(args.out, xs, ys, energies, context.cpu().numpy(), sizes)
+    paths = icl_io.write_landscape(
+        args.out, xs, ys, energies, context.cpu().numpy(), sizes, args.figure
+    )
     print(f"energy landscapes for n in {sizes}; wrote {', '.join(paths)}")
     return 0
 
@@ -268,7 +272,7 @@ def run_evaluate(args) -> int:
         seed=args.seed,
         langevin_steps=args.langevin_steps,
     )
-    paths = icl_io.write_metrics(args.out, result)
+    paths = icl_io.write_metrics(args.out, result, args.figure)
     print(icl_io.format_metrics(result))
     print(f"wrote {', '.join(paths)}")
     return 0
@@ -279,6 +283,10 @@ def _add_common(parser, out_default: str) -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--out", default=out_default, help="output folder (default: %(default)s)")
+
+
+def _add_figure(parser) -> None:
+    parser.add_argument("--figure", metavar="PNG", help="also write the figure to this path")
 
 
 def _add_model_input(parser) -> None:
@@ -330,6 +338,7 @@ def register(subparsers) -> None:
         "--langevin-steps", type=int, help="Langevin steps (default: as in training)"
     )
     _add_common(sample, out)
+    _add_figure(sample)
     sample.set_defaults(handler=icl_io.checked(run_sample))
 
     landscape = commands.add_parser("landscape", help="energy landscapes for several sizes")
@@ -344,6 +353,7 @@ def register(subparsers) -> None:
     )
     landscape.add_argument("--resolution", type=int, default=80, help="grid points per axis")
     _add_common(landscape, out)
+    _add_figure(landscape)
     landscape.set_defaults(handler=icl_io.checked(run_landscape))
 
     evaluate = commands.add_parser("evaluate", help="sample distance and NLL against n")
@@ -363,6 +373,7 @@ def register(subparsers) -> None:
         "--langevin-steps", type=int, help="Langevin steps (default: as in training)"
     )
     _add_common(evaluate, out)
+    _add_figure(evaluate)
     evaluate.set_defaults(seed=1234, handler=icl_io.checked(run_evaluate))
 
 

@@ -230,37 +230,43 @@ def write_training_outputs(paths, history, amortized, settings, metadata) -> Non
     save_figure(figure, paths["training_figure"])
 
 
-def write_samples(out, samples, context, sizes) -> list[str]:
-    """Write ``samples.npz`` and ``samples.png``."""
+def _save_copies(figure, paths) -> None:
+    for path in paths:
+        save_figure(figure, path)
+
+
+def write_samples(out, samples, context, sizes, figure_path=None) -> list[str]:
+    """Write ``samples.npz`` and ``samples.png``, and the figure to ``figure_path`` if given."""
     from pyro_am.models.icl_evaluation import plot_samples
 
     os.makedirs(out, exist_ok=True)
     data_path = os.path.join(out, "samples.npz")
     np.savez(data_path, samples=samples, context=context, sizes=np.asarray(sizes))
-    figure_path = os.path.join(out, "samples.png")
+    paths = [data_path, os.path.join(out, "samples.png"), *([figure_path] if figure_path else [])]
     low = min(float(samples.min()), float(context.min())) - 1.0
     high = max(float(samples.max()), float(context.max())) + 1.0
-    save_figure(plot_samples(samples, context, sizes, (low, high)), figure_path)
-    return [data_path, figure_path]
+    _save_copies(plot_samples(samples, context, sizes, (low, high)), paths[1:])
+    return paths
 
 
-def write_landscape(out, xs, ys, energies, context, sizes) -> list[str]:
-    """Write ``landscape.npz`` and ``landscape.png``."""
+def write_landscape(out, xs, ys, energies, context, sizes, figure_path=None) -> list[str]:
+    """Write ``landscape.npz`` and ``landscape.png``, and the figure to ``figure_path`` if given."""
     from pyro_am.models.icl_evaluation import plot_landscapes
 
     os.makedirs(out, exist_ok=True)
     data_path = os.path.join(out, "landscape.npz")
     np.savez(data_path, xs=xs, ys=ys, energies=energies, context=context, sizes=np.asarray(sizes))
-    figure_path = os.path.join(out, "landscape.png")
-    save_figure(plot_landscapes(xs, ys, energies, context, sizes), figure_path)
-    return [data_path, figure_path]
+    paths = [data_path, os.path.join(out, "landscape.png"), *([figure_path] if figure_path else [])]
+    _save_copies(plot_landscapes(xs, ys, energies, context, sizes), paths[1:])
+    return paths
 
 
 METRIC_COLUMNS = ("energy_distance", "energy_distance_sem", "amortized_nll", "gmm_nll")
 
 
-def write_metrics(out, result: dict) -> list[str]:
-    """Write ``metrics.json``, ``metrics.csv`` (one row per n) and ``metrics.png``."""
+def write_metrics(out, result: dict, figure_path=None) -> list[str]:
+    """Write ``metrics.json``, ``metrics.csv`` (one row per n) and ``metrics.png``, and the
+    figure to ``figure_path`` if given."""
     from pyro_am.models.icl_evaluation import plot_metrics
 
     os.makedirs(out, exist_ok=True)
@@ -275,9 +281,9 @@ def write_metrics(out, result: dict) -> list[str]:
             row = [result[name][index] for name in columns]
             row = ["" if value is None else value for value in row]
             writer.writerow([n, *row, result["energy_distance_floor"], result["true_nll"]])
-    figure_path = os.path.join(out, "metrics.png")
-    save_figure(plot_metrics(result), figure_path)
-    return [json_path, csv_path, figure_path]
+    figures = [os.path.join(out, "metrics.png"), *([figure_path] if figure_path else [])]
+    _save_copies(plot_metrics(result), figures)
+    return [json_path, csv_path, *figures]
 
 
 def format_metrics(result: dict) -> str:

@@ -107,10 +107,12 @@ def test_sample_and_landscape(trained, tmp_path):
     samples = np.load(out / "samples.npz")
     assert samples["samples"].shape == (3, 6, 2)
     assert samples["context"].shape == (4, 2)
-    assert main(["icl", "landscape", *common, "--resolution", "9"]) == 0
+    copy = tmp_path / "docs" / "in_context_landscape.png"
+    assert main(["icl", "landscape", *common, "--resolution", "9", "--figure", str(copy)]) == 0
     landscape = np.load(out / "landscape.npz")
     assert landscape["energies"].shape == (3, 9, 9)
     assert (out / "landscape.png").read_bytes()[:4] == b"\x89PNG"
+    assert copy.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_context_file_is_used_in_order(trained, tmp_path):
