@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from pyro_am import DenseAMEnergy, GaussianKDEEnergy, retrieve
 from pyro_am.capacity import (
-    _pairwise_moments,
     all_certified_probability,
     capacity_curve,
     capacity_lower_bound,
@@ -30,6 +29,7 @@ from pyro_am.capacity import (
     stored_patterns,
     uniform_on_sphere,
 )
+from pyro_am.capacity.random_patterns import _pairwise_moments
 
 
 def _generator(device, seed=0):
