@@ -9,10 +9,11 @@ whole-data sufficient statistics ``T = (N_k, S_k, Q_k, sum_n x_n^2)``::
     1 / t_k^2 = 1 / s0^2 + N_k / s_k^2,   m_k / t_k^2 = m0 / s0^2 + S_k / s_k^2
 
 Step t draws a batch B_t, runs the CAVI local step on it, and forms the intermediate statistics
-``T_hat = (N / |B_t|) T(B_t)``, the statistics of N copies of the batch. The natural-gradient step
-``lambda <- (1 - rho_t) lambda + rho_t lambda_hat`` is then, by linearity, the same blend of the
-statistics, ``T <- (1 - rho_t) T + rho_t T_hat``, after which the closed-form CAVI global step
-turns T into sticks and memories. The step sizes follow
+``T_hat = (N / |B_t|) T(B_t)``, the statistics of N copies of the batch. For a fixed noise
+variance the natural-gradient step ``lambda <- (1 - rho_t) lambda + rho_t lambda_hat`` is then,
+by linearity, the same blend of the statistics, ``T <- (1 - rho_t) T + rho_t T_hat``, after which
+the closed-form CAVI global step turns T into sticks and memories. With a learned variance the
+memories are computed from the blended T under the current variance estimate. The step sizes follow
 
     rho_t = (t + tau)^(-kappa),   t = 1, 2, ...
 
