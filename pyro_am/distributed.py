@@ -229,6 +229,15 @@ def find_free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+def _loopback_interface() -> str | None:
+    """Return the name of the loopback interface (``lo`` on Linux, ``lo0`` on macOS), or None."""
+    try:
+        names = {name for _, name in socket.if_nameindex()}
+    except OSError:
+        return None
+    return next((name for name in ("lo", "lo0") if name in names), None)
+
+
 def _local_worker(rank, world_size, port, function, args, result_dir, backend, timeout_seconds):
     os.environ.update(
         {
@@ -237,10 +246,12 @@ def _local_worker(rank, world_size, port, function, args, result_dir, backend, t
             "WORLD_SIZE": str(world_size),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
-            # Keep gloo's own connections on the loopback interface too.
-            "GLOO_SOCKET_IFNAME": "lo",
         }
     )
+    loopback = _loopback_interface()
+    if loopback is not None:
+        # Keep gloo's own connections on the loopback interface too.
+        os.environ["GLOO_SOCKET_IFNAME"] = loopback
     torch.set_num_threads(1)
     init_from_env(backend, timeout_seconds=timeout_seconds)
     try:
