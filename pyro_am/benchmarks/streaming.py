@@ -3,8 +3,9 @@
 Data. ``num_blobs`` Gaussian blobs in ``R^D``: centres ~ N(0, 3^2 I), points = centre + N(0, I),
 equal blob probabilities. ``num_data`` training points are written as one float32 ``.npy`` file
 (10 million points of dimension 16 take 640 MB) in ``--data-dir``, or in a temporary folder that
-is removed afterwards. They are written in chunks with plain file writes, so generating them never
-keeps the whole array in memory. ``num_held_out`` further points from the same blobs are kept in memory.
+is removed afterwards. They are written in chunks with plain file writes, so generating them
+never keeps the whole array in memory. ``num_held_out`` further points from the same blobs are
+kept in memory.
 
 Fits. :meth:`DPMemory.fit_stream` reads the file through a memory map in batches of
 ``batch_size`` rows (in a shuffled block order) for ``num_epochs`` passes, after a k-means
