@@ -208,3 +208,42 @@ def test_variance_matches_sample_variance(dim, kappa):
     assert distribution.variance.sum().item() == pytest.approx(
         1 - distribution.mean.square().sum().item(), rel=1e-9
     )
+
+
+@pytest.mark.parametrize("dim", [2, 3, 10, 50, 512])
+@pytest.mark.parametrize("kappa", [1.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e8])
+def test_variance_along_mean_matches_mpmath(dim, kappa):
+    mpmath = pytest.importorskip("mpmath")
+    # Var[mu.x] = A' = 1 - A^2 - (D - 1) A / kappa cancels to about (D - 1) / (2 kappa^2), so the
+    # reference evaluates it with 60 significant digits.
+    with mpmath.workdps(60):
+        nu = mpmath.mpf(dim) / 2 - 1
+        ratio = mpmath.besseli(nu + 1, kappa) / mpmath.besseli(nu, kappa)
+        expected = float(1 - ratio**2 - (dim - 1) * ratio / kappa)
+    loc = torch.eye(dim, dtype=torch.float64)[0]
+    variance = VonMisesFisher(loc, torch.tensor(kappa, dtype=torch.float64)).variance
+    # Below the series threshold the closed form inherits bessel_ratio's absolute error of
+    # about 1e-12, which is a relative error of at most 2e-8 over this grid.
+    assert variance[0].item() == pytest.approx(expected, rel=1e-7)
+    assert variance[0].item() > 0
+
+
+def test_variance_is_positive_at_huge_concentration():
+    # For D = 3, A(kappa) = coth(kappa) - 1 / kappa, so Var[mu.x] = 1 / kappa^2 - 1 / sinh^2(kappa),
+    # which is 1 / kappa^2 to double precision once kappa exceeds about 20.
+    # The tangent variance A / kappa uses bessel_ratio, accurate to about 3e-11 relative here.
+    loc = torch.tensor([0.0, 0.6, 0.8], dtype=torch.float64)
+    for kappa in [1e4, 1e5, 1e6]:
+        variance = VonMisesFisher(loc, torch.tensor(kappa, dtype=torch.float64)).variance
+        tangent = (1 / math.tanh(kappa) - 1 / kappa) / kappa
+        along = 1 / kappa**2
+        expected = tangent + (along - tangent) * loc.square()
+        torch.testing.assert_close(variance, expected, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("kappa", [math.inf, math.nan])
+def test_sample_rejects_non_finite_concentration(kappa):
+    # Wood's acceptance test is NaN for these, so sampling used to loop forever.
+    distribution = VonMisesFisher(torch.tensor([1.0, 0.0, 0.0]), kappa, validate_args=False)
+    with pytest.raises(ValueError, match="concentration must be finite"):
+        distribution.sample((3,))
