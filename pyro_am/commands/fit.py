@@ -385,11 +385,12 @@ def run(args) -> int:
 
     _check_arguments(args)
     device = resolve_device(args.device)
-    rank = 0
     if args.distributed:
-        from pyro_am.commands._fit_distributed import join_process_group
+        from pyro_am.commands._fit_distributed import join_process_group, run_worker
 
         rank, world_size, device = join_process_group(device)
+        if rank != 0:
+            return run_worker(args, device)
     dataset = load_data(args)
     scaling_name = choose_scaling(args.scale, dataset)
 
@@ -423,9 +424,9 @@ def run(args) -> int:
         from pyro_am.commands._fit_distributed import fit_memory_sharded
 
         settings["world_size"] = world_size
-        model, result = fit_memory_sharded(train, settings, progress=not args.no_progress)
-        if rank != 0:
-            return 0
+        model, result = fit_memory_sharded(
+            train, settings, scaling, dataset.num_patterns, progress=not args.no_progress
+        )
     else:
         model, result = fit_memory(train, settings, progress=not args.no_progress)
     scores = evaluate(
