@@ -3,9 +3,10 @@
 ``torchrun --nproc-per-node N -m pyro_am fit --distributed ...`` starts N copies of the command.
 Rank 0 loads the data set, computes the held-out split and the scaling as a single-process run
 does, and builds the memory. It then sends the other ranks a plan, which contains the memory's
-constructor arguments, the scaling, the fit settings and the number of patterns. Every rank then fits its contiguous
-shard of the training points with ``DPMemory.fit(..., distributed=True)``, which all-reduces the
-sufficient statistics (CAVI) or the gradients (SVI), so every rank ends with the same memory.
+constructor arguments, the scaling, the fit settings and the number of patterns. Every rank then
+fits its contiguous shard of the training points with ``DPMemory.fit(..., distributed=True)``,
+which all-reduces the sufficient statistics (CAVI) or the gradients (SVI), so every rank ends
+with the same memory.
 
 The other ranks read only their shard: from a ``.npy`` file given by ``--data`` through a memory
 map, and otherwise by loading the data set and keeping their rows. Rank 0 reads the whole data
