@@ -13,8 +13,8 @@ family here draws a whole batch of data sets as one tensor of shape (num_dataset
 Every draw takes an optional :class:`torch.Generator` on the CPU. Random numbers are drawn on the
 CPU and the points are then moved to the family's device, so a seeded generator gives the same data
 sets on every device. A family with ``num_distinct=None`` draws a new data set every time. With
-``num_distinct=M`` it holds M data sets, data set ``i`` fixed by ``(seed, i)``, and each draw picks
-data sets uniformly from them. For mixtures the parameters of data set ``i`` are fixed and its
+``num_distinct=M`` it contains M data sets, data set ``i`` fixed by ``(seed, i)``, and each draw
+picks data sets uniformly from them. For mixtures the parameters of data set ``i`` are fixed and its
 points are redrawn. For shapes its ``max_points`` points are fixed and a draw takes a subset.
 """
 

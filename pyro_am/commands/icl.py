@@ -13,11 +13,11 @@ Subcommands:
 * ``evaluate``: the sample energy distance and the held-out NLLs against n on held-out mixtures;
   ``metrics.json``, ``metrics.csv``, ``metrics.png`` and ``landscape.png``.
 
-``--preset small`` (the default) trains on a CPU in a few minutes. ``--preset published`` is the
-setup of Schaeffer, Khona and Koyejo, "In-Context Learning of Energy Functions" (2024): 2-D
-mixtures of 3 Gaussians with means ~ N(0, 5^2 I) and component std 0.33, up to 35 context points,
-a causal pre-norm transformer with 6 layers, 8 heads and width 128, and Langevin with 15 steps and
-noise std 0.01. Any flag given explicitly overrides the preset.
+``--preset small`` (the default) trains on a CPU in a few minutes. ``--preset published`` follows
+R. Schaeffer, M. Khona and S. Koyejo, "In-Context Learning of Energy Functions" (2024). It uses
+2-D mixtures of 3 Gaussians with means ~ N(0, 5^2 I) and component std 0.33, up to 35 context
+points, and a causal pre-norm transformer with 6 layers, 8 heads and width 128. Langevin runs 15
+steps with noise std 0.01. Any flag given explicitly overrides the preset.
 """
 
 from __future__ import annotations
@@ -186,7 +186,9 @@ def _load(args):
     path = icl_io.model_path(args.model)
     model, config, metadata = load_checkpoint(path, device=device)
     if model.dim != 2:
-        raise UsageError(f"{path} holds a model of dimension {model.dim}; these plots need 2.")
+        raise UsageError(
+            f"{path} contains a model of dimension {model.dim}, but these plots need dimension 2."
+        )
     return model, config, metadata
 
 

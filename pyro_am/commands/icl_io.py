@@ -46,6 +46,7 @@ def add_train_arguments(parser, presets, defaults, families, modes, dtypes) -> N
         "--num-distinct", type=int, help="number of distinct data sets (default: unlimited)"
     )
     parser.add_argument("--mode", choices=modes, help=f"conditioning (default: {defaults['mode']})")
+
     for name, kind, text in (
         ("width", int, "transformer width"),
         ("depth", int, "transformer blocks"),
@@ -58,6 +59,7 @@ def add_train_arguments(parser, presets, defaults, families, modes, dtypes) -> N
         parser.add_argument(
             "--" + name.replace("_", "-"), type=kind, help=f"{text} (default: from --preset)"
         )
+
     for name, kind, text in (
         ("num_negatives", int, "Langevin chains per data set and prefix"),
         ("langevin_steps", int, "Langevin steps per negative"),
@@ -73,6 +75,7 @@ def add_train_arguments(parser, presets, defaults, families, modes, dtypes) -> N
         parser.add_argument(
             "--" + name.replace("_", "-"), type=kind, help=f"{text} (default: {defaults[name]})"
         )
+
     parser.add_argument(
         "--init", choices=("uniform", "gaussian"), help=f"initial law (default: {defaults['init']})"
     )
@@ -117,7 +120,7 @@ def checked(handler):
 
 # -- families ------------------------------------------------------------------------------------
 def family_settings(args) -> dict:
-    """The family flags of a training run, stored in the checkpoint to rebuild the family."""
+    """Collect the family flags of a training run, stored in the checkpoint to rebuild it."""
     settings = {"name": args.family, "num_distinct": args.num_distinct, "seed": args.seed}
     if args.family == "gmm":
         settings.update(
@@ -159,7 +162,7 @@ def model_path(path: str) -> str:
 
 
 def amortized_path(model: str, amortized: str | None) -> str | None:
-    """The guide next to the model unless ``--amortized`` names one, or None for 'none'."""
+    """Find the guide: ``--amortized`` if given (None for 'none'), else the one by the model."""
     if amortized is not None:
         if amortized.lower() == "none":
             return None
@@ -180,7 +183,7 @@ def read_context(path: str) -> torch.Tensor:
 
 
 def limits(requested, context: torch.Tensor) -> tuple[float, float]:
-    """The plotting range: ``requested`` or the context's range widened by a margin."""
+    """Choose the plotting range: ``requested``, or the context's range widened by a margin."""
     if requested is not None:
         low, high = requested
         if not low < high:

@@ -24,7 +24,7 @@ The posterior predictive is a normalized in-context energy. For S guide draws ``
     p_S(x | D) = (1/S) sum_s p(x | theta_s)
 
 is a mixture of S K-component Gaussian mixtures, so it integrates to one for every S and every set
-of draws; as S grows it tends to the guide's predictive ``E_q[p(x | theta)]``.
+of draws. As S grows it tends to the guide's predictive ``E_q[p(x | theta)]``.
 """
 
 from __future__ import annotations
@@ -188,10 +188,10 @@ class AmortizedMixtureGuide:
             )
         dim = self.dim
         softplus = nn.functional.softplus
-        # Each posterior mean starts at the pooling-weighted mean of the context, the mean of the
-        # points that its seed attends to, and the encoder adds a correction in units of the
-        # prior std (towards the prior mean where the context does not inform a component).
-        # Posterior scales are in units of the prior std too; the floors keep them positive.
+        # Each posterior mean starts at the mean of the points that its seed attends to. The
+        # encoder adds a correction in units of the prior std, which moves a component that the
+        # context does not inform towards the prior mean. Posterior scales are in units of the
+        # prior std too, and the floors keep them positive.
         pooled_mean = pooling_weights @ context
         parameters = {
             "loc": pooled_mean + self.prior_std * features[..., :dim],
@@ -225,7 +225,7 @@ class AmortizedMixtureGuide:
 
     # -- Pyro program ----------------------------------------------------------------------------
     def model(self, context: torch.Tensor, num_predictive: int = 0):
-        """The mixture memory for a batch of data sets, observed at ``context`` (B, n, D).
+        """Run the mixture memory model for a batch of data sets observed at ``context`` (B, n, D).
 
         :param int num_predictive: new points per data set to draw at the site ``predictive``.
         """
@@ -245,9 +245,9 @@ class AmortizedMixtureGuide:
                     pyro.sample("predictive", likelihood)
 
     def guide(self, context: torch.Tensor, num_predictive: int = 0):
-        """The amortized guide: the encoder's output for ``context`` parameterizes every site.
+        """Sample every latent site from the encoder's posterior for ``context`` (B, n, D).
 
-        ``num_predictive`` is accepted so that the guide takes the model's arguments; it is unused.
+        ``num_predictive`` is accepted so that the guide takes the model's arguments, and unused.
         """
         pyro.module(self.name, self.encoder)
         parameters = self.variational_parameters(context)

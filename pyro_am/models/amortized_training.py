@@ -152,7 +152,7 @@ def _load_training_state(amortized, path, optimizer, generator) -> int:
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state["config"] != amortized.config:
         raise ValueError(
-            f"checkpoint {path} holds a guide with {state['config']}, which does not match "
+            f"checkpoint {path} contains a guide with {state['config']}, which does not match "
             f"{amortized.config}; build the same guide or start without resume."
         )
     with torch.no_grad():

@@ -335,8 +335,8 @@ def train_in_context_energy(
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         if state["model_config"] != model.config:
             raise ValueError(
-                f"checkpoint {checkpoint} holds a model with {state['model_config']}, which does "
-                f"not match {model.config}; build the same model or start without resume."
+                f"checkpoint {checkpoint} contains a model with {state['model_config']}, which "
+                f"does not match {model.config}; build the same model or start without resume."
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

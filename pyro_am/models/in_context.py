@@ -11,7 +11,7 @@ Two attention patterns are available:
 
 * ``mode="causal"``: context position i attends to positions j <= i. A query evaluated against the
   prefix of length p attends to the context positions j < p and to itself. A query therefore never
-  sees another query, and ``E(x | x_<p)`` is computed for every prefix p in one pass.
+  attends to another query, and ``E(x | x_<p)`` is computed for every prefix p in one pass.
 * ``mode="set"``: every context point attends to every context point and a query attends to the
   whole context and itself. The energy is invariant to permutations of the context.
 

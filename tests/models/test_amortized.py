@@ -95,8 +95,8 @@ def test_svi_steps_improve_elbo(weights_prior):
 
     history = amortized.history
     assert len(history) == 30
-    # The ELBO per point starts near -100 (the untrained guide puts its means far from the data)
-    # and climbs by tens of nats within 30 steps; a 5-nat gain is far outside step noise.
+    # The untrained guide puts its means far from the data, so the ELBO per point starts near -100.
+    # It climbs by tens of nats within 30 steps, and a 5-nat gain is far outside step noise.
     assert np.mean(history[-5:]) > np.mean(history[:5]) + 5.0
     assert not amortized.encoder.training
 
@@ -162,8 +162,8 @@ def test_predictive_density_integrates_to_one(weights_prior):
     draws = amortized.sample_posterior(context, num_samples=6)
     locs, scales = draws["locs"][:, 0], draws["scales"][:, 0]
 
-    # A uniform grid covering every component by 9 of its standard deviations, with a spacing of
-    # half the smallest one; the midpoint rule is then exact to far below 1e-6 for Gaussians.
+    # A uniform grid covers every component by 9 of its standard deviations, with a spacing of
+    # half the smallest one. The midpoint rule is then exact to far below 1e-6 for Gaussians.
     low = (locs - 9 * scales[..., None]).min().item()
     high = (locs + 9 * scales[..., None]).max().item()
     spacing = 0.5 * scales.min().item()
@@ -225,7 +225,7 @@ def test_fit_resume_matches_uninterrupted(tmp_path):
         assert torch.equal(loaded.encoder.state_dict()[name], value), name
 
 
-def test_second_guide_with_same_name_trains_its_own_encoder():
+def test_fit_ignores_stale_store_parameters():
     family = GaussianMixtureFamily()
     options = {"steps": 2, "batch_size": 4, "max_points": 5, "progress": False}
     fit_amortized_guide(_guide(dtype=torch.float32), family, **options)

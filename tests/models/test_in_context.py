@@ -15,17 +15,17 @@ def _model(mode, device, **kwargs):
     return InContextEnergy(dim=2, **options).to(dtype=torch.float64, device=device).eval()
 
 
-def _reference_energy(model, context, query, query_sees_context_only_before):
+def _reference_energy(model, context, query, causal):
     """Energy of one query (D,) given a context (p, D) by a plain transformer on [x_1 .. x_p, q].
 
-    The sequence is run through the model's own weights with one explicit boolean mask: context
-    token i sees context tokens j <= i (causal) or all context tokens (set), never the query, and
-    the query sees every context token and itself. No two-stream code of the model is used.
+    The sequence runs through the model's own weights with one explicit boolean mask. Context
+    token i attends to context tokens j <= i (causal) or to all of them (set), never to the query.
+    The query attends to every context token and itself. No two-stream code of the model is used.
     """
     count = context.shape[0]
     tokens = torch.cat([model.embed(context), (model.embed(query) + model.query_embedding)[None]])
     allowed = torch.zeros(count + 1, count + 1, dtype=torch.bool, device=context.device)
-    if query_sees_context_only_before:
+    if causal:
         allowed[:count, :count] = torch.ones(count, count, device=context.device).tril().bool()
     else:
         allowed[:count, :count] = True
@@ -127,7 +127,7 @@ def test_causal_prefix_ignores_later_points(device):
             after = model(changed, queries)
             # E(. | x_<p) for p <= m must not move; float64 rounding only.
             torch.testing.assert_close(after[:, : m + 1], before[:, : m + 1], atol=1e-12, rtol=0)
-            # and every longer prefix sees x_m.
+            # Every longer prefix attends to x_m, so its energies move.
             assert (after[:, m + 1 :] - before[:, m + 1 :]).abs().min() > 1e-9
 
 
