@@ -9,7 +9,11 @@ import torch
 from sklearn.neighbors import KNeighborsClassifier
 
 from pyro_am.cli import main
-from pyro_am.commands.retrieve import default_bandwidth, median_nearest_neighbor_distance
+from pyro_am.commands.retrieve import (
+    chance_label_accuracy,
+    default_bandwidth,
+    median_nearest_neighbor_distance,
+)
 from pyro_am.datasets import load_dataset, split_memories_queries
 
 NUM_QUERIES = 60
@@ -232,6 +236,26 @@ def test_retrieve_npy_without_labels(tmp_path, capsys):
     assert metrics["data"]["chance_label_accuracy"] is None
 
 
+def test_chance_label_accuracy_with_sparse_labels():
+    labels = torch.tensor([0, 10**15, 10**15, 7])
+    assert chance_label_accuracy(labels) == 0.5
+
+
+def test_retrieve_csv_with_large_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.where(np.arange(40) % 2 == 0, 0, 10**15)
+    table = np.column_stack([rng.normal(size=(40, 3)) + labels[:, None] * 1e-15, labels])
+    path = tmp_path / "large_labels.csv"
+    np.savetxt(path, table, delimiter=",", header="a,b,c,label", comments="", fmt="%.17g")
+    out = tmp_path / "out"
+    argv = ["retrieve", "--data", str(path), "--num-queries", "10", "--mask-fraction", "0.25"]
+    status = main([*argv, "--noise-std", "--no-progress", "--out", str(out)])
+    assert status == 0
+    with open(out / "metrics.json", encoding="utf-8") as handle:
+        metrics = json.load(handle)
+    assert 0.5 <= metrics["data"]["chance_label_accuracy"] <= 1.0
+
+
 # -- bad input: exit status 2 and one line on stderr, no traceback -------------------------------
 def _bad_files(tmp_path):
     np.save(tmp_path / "flat.npy", np.zeros(10))
@@ -240,6 +264,9 @@ def _bad_files(tmp_path):
     (tmp_path / "word.csv").write_text("1,2\n3,x\n")
     (tmp_path / "patterns.txt").write_text("1,2\n")
     np.save(tmp_path / "small.npy", np.zeros((5, 2)) + np.arange(5)[:, None])
+    # Nearest neighbours 1.4e-20 apart give a default bandwidth whose square underflows float32.
+    np.save(tmp_path / "tiny.npy", 1e-20 * np.arange(20.0).reshape(10, 2))
+    (tmp_path / "file.txt").write_text("not a folder\n")
 
 
 BAD_ARGUMENTS = [
@@ -261,6 +288,13 @@ BAD_ARGUMENTS = [
     (["--device", "tpu9"], "tpu9"),
     (["--device", "not a device"], "not a device"),
     (["--mask-fraction", "--noise-std"], "no corruption levels"),
+    (["--bandwidth", "1e-300"], "--bandwidth"),
+    (["--bandwidth", "1e-30"], "--bandwidth"),
+    (["--beta", "1e39"], "--beta"),
+    (["--data", "{tmp}/tiny.npy", "--scale", "none", "--num-queries", "2"], "default bandwidth"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**64)], "--seed"),
+    (["--out", "{tmp}/file.txt"], "--out"),
 ]
 
 

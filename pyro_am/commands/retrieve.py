@@ -230,7 +230,8 @@ def chance_label_accuracy(query_labels: torch.Tensor | None) -> float | None:
     """Return the accuracy of always guessing the most frequent query label."""
     if query_labels is None or query_labels.numel() == 0:
         return None
-    counts = torch.bincount(query_labels - query_labels.min())
+    # unique, not bincount: labels may be sparse and large, such as 10**12.
+    _, counts = torch.unique(query_labels, return_counts=True)
     return float(counts.max()) / query_labels.numel()
 
 
@@ -326,11 +327,33 @@ def _scale(data: np.ndarray, scaling: str) -> np.ndarray:
     return data
 
 
+# The energies run in float32, where h^2, beta and their reciprocals must be normal numbers.
+MIN_BETA = float(torch.finfo(torch.float32).tiny)
+MAX_BETA = 1 / MIN_BETA
+MIN_BANDWIDTH = math.sqrt(MIN_BETA)
+MAX_BANDWIDTH = math.sqrt(MAX_BETA)
+MAX_SEED = 2**64 - 1
+
+
+def _bandwidth_in_range(bandwidth: float) -> bool:
+    return MIN_BANDWIDTH <= bandwidth <= MAX_BANDWIDTH
+
+
 def _check_arguments(args) -> None:
     if args.bandwidth is not None and not (math.isfinite(args.bandwidth) and args.bandwidth > 0):
         raise UsageError(f"--bandwidth must be a positive number, but got {args.bandwidth}.")
+    if args.bandwidth is not None and not _bandwidth_in_range(args.bandwidth):
+        raise UsageError(
+            f"--bandwidth must be in [{MIN_BANDWIDTH:.2g}, {MAX_BANDWIDTH:.2g}] so that h^2 and "
+            f"1 / h^2 are normal float32 numbers, but got {args.bandwidth:g}."
+        )
     if args.beta is not None and not (math.isfinite(args.beta) and args.beta > 0):
         raise UsageError(f"--beta must be a positive number, but got {args.beta}.")
+    if args.beta is not None and not (MIN_BETA <= args.beta <= MAX_BETA):
+        raise UsageError(
+            f"--beta must be in [{MIN_BETA:.2g}, {MAX_BETA:.2g}] so that beta and 1 / beta are "
+            f"normal float32 numbers, but got {args.beta:g}."
+        )
     for fraction in args.mask_fraction:
         if not (0.0 <= fraction < 1.0):
             raise UsageError(f"--mask-fraction must be in [0, 1), but got {fraction}.")
@@ -347,6 +370,10 @@ def _check_arguments(args) -> None:
         raise UsageError(f"--temperature must be a positive number, but got {args.temperature}.")
     if not args.mask_fraction and not args.noise_std:
         raise UsageError("no corruption levels: give at least one --mask-fraction or --noise-std.")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be an integer in [0, 2^64 - 1], but got {args.seed}.")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out!r} exists and is not a folder; pass a folder path.")
 
 
 def _prepare(args):
@@ -410,7 +437,19 @@ def run(args) -> int:
     memories, memory_labels, queries, query_labels = split
 
     bandwidth = args.bandwidth if args.bandwidth is not None else default_bandwidth(memories)
+    if not _bandwidth_in_range(bandwidth):
+        raise UsageError(
+            f"the default bandwidth {bandwidth:g} (median nearest-neighbour distance / 4) is "
+            f"outside [{MIN_BANDWIDTH:.2g}, {MAX_BANDWIDTH:.2g}], where h^2 and 1 / h^2 are "
+            "normal float32 numbers; rescale the data with --scale or pass --bandwidth."
+        )
     beta = args.beta if args.beta is not None else 1.0 / bandwidth**2
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as error:
+        raise UsageError(
+            f"cannot create the --out folder {args.out!r}: {error.strerror}."
+        ) from error
     names = ENERGIES if args.energy == "both" else (args.energy,)
     energies = build_energies(memories, names, bandwidth, beta)
     corruptions = [Corruption("mask", float(f)) for f in args.mask_fraction]
@@ -483,15 +522,21 @@ def register(subparsers) -> None:
         help="Gaussian KDE, dense associative memory, or both (default)",
     )
     parser.add_argument(
-        "--method", choices=METHODS, default="fixed_point", help="retrieval dynamics"
+        "--method",
+        choices=METHODS,
+        default="fixed_point",
+        help="retrieval dynamics (default: %(default)s)",
     )
     parser.add_argument(
         "--bandwidth",
         type=float,
-        help="KDE bandwidth h, in data units (default: median nearest-neighbour distance / 4)",
+        help="KDE bandwidth h, in scaled data units (default: median nearest-neighbour "
+        "distance / 4)",
     )
     parser.add_argument(
-        "--beta", type=float, help="DAM inverse temperature (default: 1 / bandwidth^2)"
+        "--beta",
+        type=float,
+        help="DAM inverse temperature, in 1 / (scaled data units)^2 (default: 1 / bandwidth^2)",
     )
 
     parser.add_argument(
@@ -538,7 +583,9 @@ def register(subparsers) -> None:
         help="Langevin temperature, used by --method langevin (default: %(default)s)",
     )
 
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    parser.add_argument(
+        "--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: %(default)s)"
+    )
     parser.add_argument(
         "--seed",
         type=int,
