@@ -36,7 +36,7 @@ import torch
 from pyro.infer import Predictive
 from pyro.poutine.util import site_is_factor, site_is_subsample
 
-from pyro_am._validation import check_int
+from pyro_am._validation import check_finite, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -483,11 +483,12 @@ def to_inference_data(
     if not isinstance(data, torch.Tensor):
         data = torch.as_tensor(np.asarray(data), dtype=like.dtype)
     data = data.to(like)
-    if data.dim() != 2 or data.shape[1] != memory.dim:
+    if data.dim() != 2 or data.shape[1] != memory.dim or data.shape[0] < 1:
         raise ValueError(
-            f"data must have shape (num_data, {memory.dim}) to match the memory, but has shape "
-            f"{tuple(data.shape)}."
+            f"data must have shape (num_data, {memory.dim}) with num_data >= 1 to match the "
+            f"memory, but has shape {tuple(data.shape)}."
         )
+    check_finite("data", data)
     if feature_names is not None and len(feature_names) != memory.dim:
         raise ValueError(
             f"feature_names must have {memory.dim} entries, but has {len(feature_names)}."

@@ -354,3 +354,15 @@ def test_to_inference_data_rejects_wrong_dimension(fitted_memory):
     memory, _, data = fitted_memory
     with pytest.raises(ValueError, match="must have shape"):
         to_inference_data(memory, data[:, :1], num_samples=4)
+
+
+def test_to_inference_data_rejects_empty_or_nan_data(fitted_memory):
+    from pyro_am.diagnostics import to_inference_data
+
+    memory, _, data = fitted_memory
+    with pytest.raises(ValueError, match="num_data >= 1"):
+        to_inference_data(memory, data[:0], num_samples=4)
+    corrupted = data.clone()
+    corrupted[3, 1] = math.nan
+    with pytest.raises(ValueError, match="data contains 1 NaN"):
+        to_inference_data(memory, corrupted, num_samples=4)
