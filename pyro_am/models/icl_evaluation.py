@@ -28,7 +28,8 @@ from sklearn.mixture import GaussianMixture as SklearnGaussianMixture
 
 from pyro_am._validation import check_int, check_positive
 from pyro_am.families import GaussianMixtureFamily
-from pyro_am.models.icl_training import CDConfig, initial_chains
+from pyro_am.models.icl_negatives import initial_chains
+from pyro_am.models.icl_training import CDConfig
 from pyro_am.models.in_context import InContextEnergy
 from pyro_am.plotting import new_figure
 

@@ -14,11 +14,10 @@ and the negatives are M chains per prefix, all in one pass, so one step trains e
 In set mode each step draws one context size n in [1, N - 1]; the first n points are the context
 and the other N - n points are the positives.
 
-Negative chains start from a uniform box ``[-s, s]^D`` or from ``N(0, s^2 I)``. With a replay buffer
-each chain instead starts, with probability ``replay_fraction``, from a past negative (of any data
-set), and the final negatives are written back into the buffer.
+Negative chains start from a uniform box, a Gaussian, or a replay buffer of past negatives
+(:mod:`pyro_am.models.icl_negatives`).
 
-Optimization is Adam with gradient-norm clipping. Checkpoints hold the parameters, the optimizer
+Optimization is Adam with gradient-norm clipping. Checkpoints contain the parameters, the optimizer
 state, the random generators and the replay buffer, and are written atomically, so resuming from a
 checkpoint gives the same parameters as training without interruption.
 """
@@ -35,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_am._validation import check_int, check_interval, check_positive
+from pyro_am.models.icl_negatives import ReplayBuffer, initial_chains, start_negatives
 from pyro_am.models.in_context import InContextEnergy, NonFiniteEnergyError
 
 logger = logging.getLogger(__name__)
@@ -126,62 +126,6 @@ class TrainingResult:
     steps: int = 0
 
 
-class ReplayBuffer:
-    """A fixed-capacity store of past negatives, overwritten oldest first."""
-
-    def __init__(self, capacity: int, dim: int, dtype, device):
-        self.points = torch.empty((0, dim), dtype=dtype, device=device)
-        self.capacity = capacity
-        self.position = 0
-
-    def __len__(self) -> int:
-        return self.points.shape[0]
-
-    def push(self, points: torch.Tensor) -> None:
-        points = points.reshape(-1, points.shape[-1])[: self.capacity]
-        room = self.capacity - len(self)
-        if room > 0:
-            self.points = torch.cat([self.points, points[:room]])
-            points = points[room:]
-        for start in range(0, points.shape[0], self.capacity):
-            chunk = points[start : start + self.capacity]
-            index = (self.position + torch.arange(chunk.shape[0])) % self.capacity
-            self.points[index.to(self.points.device)] = chunk
-            self.position = int((self.position + chunk.shape[0]) % self.capacity)
-
-    def sample(self, count: int, generator) -> torch.Tensor:
-        index = torch.randint(len(self), (count,), generator=generator, device=generator.device)
-        return self.points[index.to(self.points.device)]
-
-    def state_dict(self) -> dict:
-        return {"points": self.points.cpu(), "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.points = state["points"].to(self.points)
-        self.position = int(state["position"])
-
-
-def initial_chains(shape, config: CDConfig, generator, dtype, device) -> torch.Tensor:
-    """Draw initial Langevin states from the configured uniform box or Gaussian."""
-    if config.init == "uniform":
-        unit = torch.rand(shape, generator=generator, dtype=dtype, device=device)
-        return config.init_scale * (2.0 * unit - 1.0)
-    return config.init_scale * torch.randn(shape, generator=generator, dtype=dtype, device=device)
-
-
-def _start_negatives(shape, config, buffer, generator, dtype, device):
-    chains = initial_chains(shape, config, generator, dtype, device)
-    if buffer is None or len(buffer) == 0 or config.replay_fraction == 0.0:
-        return chains
-    flat = chains.reshape(-1, shape[-1])
-    uniform = torch.rand(flat.shape[0], generator=generator, dtype=dtype, device=device)
-    replay = uniform < config.replay_fraction
-    count = int(replay.sum())
-    if count:
-        flat[replay] = buffer.sample(count, generator)
-    return flat.reshape(shape)
-
-
 def contrastive_divergence_loss(positive: torch.Tensor, negative: torch.Tensor, regularization):
     """Return ``mean E+ - mean E- + lambda (mean E+^2 + mean E-^2)``."""
     penalty = positive.square().mean() + negative.square().mean()
@@ -193,7 +137,7 @@ def _causal_energies(model, points, config, buffer, generator):
     cache = model.encode_context(points)
     detached = cache.detach()
     shape = (batch, num_points, config.num_negatives, dim)
-    start = _start_negatives(shape, config, buffer, generator, points.dtype, points.device)
+    start = start_negatives(shape, config, buffer, generator, points.dtype, points.device)
     negatives = model.langevin(
         detached,
         start,
@@ -215,7 +159,7 @@ def _set_energies(model, points, config, buffer, generator):
     cache = model.encode_context(context)
     detached = cache.detach()
     shape = (batch, config.num_negatives, dim)
-    start = _start_negatives(shape, config, buffer, generator, points.dtype, points.device)
+    start = start_negatives(shape, config, buffer, generator, points.dtype, points.device)
     negatives = model.langevin(
         detached,
         start,

@@ -198,6 +198,10 @@ def test_replay_buffer_keeps_newest_points():
     generator = torch.Generator().manual_seed(0)
     drawn = buffer.sample(50, generator)
     assert set(drawn.flatten().tolist()) <= {2.0, 3.0, 4.0, 5.0, 6.0}
+    small = ReplayBuffer(capacity=3, dim=1, dtype=torch.float64, device="cpu")
+    small.push(torch.arange(7.0, dtype=torch.float64)[:, None])
+    # One push larger than the buffer keeps its newest points.
+    assert small.points.flatten().tolist() == [4.0, 5.0, 6.0]
 
 
 def test_config_validation():
