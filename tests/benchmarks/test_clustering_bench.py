@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from pyro_am.benchmarks.clustering import score_labels, summarize
+from pyro_am.benchmarks.clustering import format_table, score_labels, summarize
 from pyro_am.cli import main
 
 
@@ -67,3 +67,15 @@ def test_summarize_median_and_iqr():
     (row,) = summarize(records)
     # numpy percentiles with linear interpolation: 25th = 1, 75th = 3.
     assert row["ari"] == {"median": 2.0, "iqr": 2.0}
+
+
+def test_format_table_labels_time_in_milliseconds():
+    row = {"dataset": "d", "method": "m"}
+    for metric in ("ari", "nmi", "silhouette"):
+        row[metric] = {"median": 0.5, "iqr": 0.1}
+    row["fit_seconds"] = {"median": 0.25, "iqr": 0.125}
+    header, _, line, footer = format_table([row]).splitlines()
+    assert "fit_ms" in header
+    assert "fit_seconds" not in header
+    assert "250.000 (125.000)" in line
+    assert "milliseconds" in footer
