@@ -60,6 +60,7 @@ BANDWIDTH_FACTOR = 0.25
 DEFAULT_MASK_FRACTIONS = (0.25, 0.5, 0.75)
 DEFAULT_NOISE_STDS = (0.1, 0.25, 0.5)
 NUM_EXAMPLES = 8
+DEFAULT_NUM_QUERIES = 200
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ def run_retrieval_experiment(
     seed: int = 0,
     temperature: float = 1.0,
     progress: bool = True,
+    nearest=None,
 ) -> tuple[list[dict], dict]:
     """Corrupt held-out queries and stored probes at each level, retrieve, and score the results.
 
@@ -167,9 +169,16 @@ def run_retrieval_experiment(
     :param int num_probes: number of stored patterns to corrupt and retrieve (default Q, at most N).
     :param int seed: seed of the probe choice, the masks and the noise.
     :param bool progress: show a progress bar over corruption levels.
+    :param nearest: a function mapping states (Q, D) to the index of the memory each belongs to;
+        by default the Euclidean nearest memory.
     :returns: ``(results, examples)``: one metrics dict per (corruption, energy), and for the figure
         the first few clean queries with their corrupted and retrieved versions per level.
     """
+    if nearest is None:
+
+        def nearest(states):
+            return _nearest_memory(states, memories)
+
     num_memories = memories.shape[0]
     num_probes = min(queries.shape[0] if num_probes is None else num_probes, num_memories)
     generator = torch.Generator(device=memories.device).manual_seed(seed)
@@ -197,8 +206,8 @@ def run_retrieval_experiment(
             query_result = retrieve(energy, corrupted_queries, mask=query_mask, **options)
             probe_result = retrieve(energy, corrupted_probes, mask=probe_mask, **options)
 
-            query_nearest = _nearest_memory(query_result.states, memories)
-            probe_nearest = _nearest_memory(probe_result.states, memories)
+            query_nearest = nearest(query_result.states)
+            probe_nearest = nearest(probe_result.states)
             # An exact duplicate of the original in the memory bank counts as the original.
             exact = (probe_nearest == probe_index) | (memories[probe_nearest] == probes).all(dim=1)
             row = {
@@ -335,6 +344,13 @@ MAX_BANDWIDTH = math.sqrt(MAX_BETA)
 MAX_SEED = 2**64 - 1
 
 
+def resolve_num_queries(num_queries: int | None, num_patterns: int) -> int:
+    """Return ``num_queries``, or by default 200 or a fifth of the patterns if that is fewer."""
+    if num_queries is not None:
+        return num_queries
+    return max(1, min(DEFAULT_NUM_QUERIES, num_patterns // 5))
+
+
 def _bandwidth_in_range(bandwidth: float) -> bool:
     return MIN_BANDWIDTH <= bandwidth <= MAX_BANDWIDTH
 
@@ -360,7 +376,7 @@ def _check_arguments(args) -> None:
     for std in args.noise_std:
         if not (math.isfinite(std) and std >= 0):
             raise UsageError(f"--noise-std must be a non-negative number, but got {std}.")
-    if args.num_queries < 1:
+    if args.num_queries is not None and args.num_queries < 1:
         raise UsageError(f"--num-queries must be at least 1, but got {args.num_queries}.")
     if args.max_steps < 1:
         raise UsageError(f"--max-steps must be at least 1, but got {args.max_steps}.")
@@ -380,6 +396,7 @@ def _prepare(args):
     """Load, scale and split the patterns named by ``args``; return the dataset and the split."""
     device = resolve_device(args.device)
     dataset = _load(args)
+    args.num_queries = resolve_num_queries(args.num_queries, dataset.num_patterns)
     if args.num_queries >= dataset.num_patterns:
         raise UsageError(
             f"--num-queries must be below the number of patterns ({dataset.num_patterns}) so "
@@ -430,8 +447,102 @@ def _print_summary(dataset: Dataset, metrics: dict, paths: dict) -> None:
     print(f"wrote {paths['metrics']} and {paths['figure']}")
 
 
+def _check_model_arguments(args) -> None:
+    """Reject the flags that configure the KDE and DAM energies when ``--model`` is given."""
+    for flag, value in (
+        ("--bandwidth", args.bandwidth),
+        ("--beta", args.beta),
+        ("--energy", args.energy),
+        ("--scale", args.scale),
+    ):
+        if value is not None:
+            raise UsageError(
+                f"{flag} does not apply with --model, which retrieves with the fitted memory's "
+                "energy in its own scaling; drop one of the two."
+            )
+
+
+def _corruptions(args) -> list[Corruption]:
+    corruptions = [Corruption("mask", float(f)) for f in args.mask_fraction]
+    return corruptions + [Corruption("noise", float(s)) for s in args.noise_std]
+
+
+def _make_out_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create the --out folder {path!r}: {error.strerror}.") from error
+
+
+def run_model(args) -> int:
+    """Retrieve with the memory fitted by ``pyro-am fit`` in the folder ``args.model``."""
+    from pyro_am.commands import _retrieve_model as fitted_retrieval
+    from pyro_am.commands.fit import load_fitted
+
+    _check_model_arguments(args)
+    _check_arguments(args)
+    device = resolve_device(args.device)
+    fitted = load_fitted(args.model)
+    model = fitted.model.to(device)
+    dataset, data, memories, memory_labels, queries, query_labels = (
+        fitted_retrieval.prepare_model_experiment(args, fitted, device)
+    )
+    _make_out_dir(args.out)
+    results, examples = run_retrieval_experiment(
+        memories,
+        memory_labels,
+        queries,
+        query_labels,
+        {fitted_retrieval.MODEL_ENERGY: model.energy()},
+        _corruptions(args),
+        method=args.method,
+        max_steps=args.max_steps,
+        tol=args.tol,
+        seed=args.seed,
+        temperature=args.temperature,
+        progress=not args.no_progress,
+        nearest=fitted_retrieval.most_responsible(model),
+    )
+    metrics = {
+        "data": {
+            "name": dataset.name,
+            "num_patterns": dataset.num_patterns,
+            "dim": dataset.dim,
+            "num_memories": int(memories.shape[0]),
+            "num_queries": int(queries.shape[0]),
+            "num_probes": min(int(queries.shape[0]), int(memories.shape[0])),
+            "scale": fitted.scaling.name,
+            "chance_label_accuracy": chance_label_accuracy(query_labels),
+        },
+        "settings": fitted_retrieval.model_settings(args, model),
+        "results": results,
+    }
+    examples = fitted_retrieval.to_data_units(examples, fitted.scaling)
+    value_range = (float(dataset.data.min()), float(dataset.data.max()))
+    figure = plot_examples(examples, dataset.image_shape, value_range)
+    paths = write_outputs(args.out, metrics, figure)
+    print(
+        f"{dataset.name}: fitted DP memory from {args.model} with "
+        f"{metrics['data']['num_memories']} memories, {metrics['data']['num_queries']} queries, "
+        f"dimension {dataset.dim}; method {args.method}; errors in the model's units"
+    )
+    print(format_table(results))
+    if metrics["data"]["chance_label_accuracy"] is not None:
+        print(
+            "label acc: the most responsible memory of the retrieved state has the query's label "
+            f"(chance {metrics['data']['chance_label_accuracy']:.3f}); exact: a corrupted memory "
+            "mean returns to its own memory"
+        )
+    print(f"wrote {paths['metrics']} and {paths['figure']}")
+    return 0
+
+
 def run(args) -> int:
     """Run the retrieval experiment for the parsed command line and write its outputs."""
+    if args.model is not None:
+        return run_model(args)
+    args.scale = args.scale or "unit"
+    args.energy = args.energy or "both"
     _check_arguments(args)
     dataset, data, split = _prepare(args)
     memories, memory_labels, queries, query_labels = split
@@ -444,16 +555,10 @@ def run(args) -> int:
             "normal float32 numbers; rescale the data with --scale or pass --bandwidth."
         )
     beta = args.beta if args.beta is not None else 1.0 / bandwidth**2
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as error:
-        raise UsageError(
-            f"cannot create the --out folder {args.out!r}: {error.strerror}."
-        ) from error
+    _make_out_dir(args.out)
     names = ENERGIES if args.energy == "both" else (args.energy,)
     energies = build_energies(memories, names, bandwidth, beta)
-    corruptions = [Corruption("mask", float(f)) for f in args.mask_fraction]
-    corruptions += [Corruption("noise", float(s)) for s in args.noise_std]
+    corruptions = _corruptions(args)
 
     results, examples = run_retrieval_experiment(
         memories,
@@ -508,9 +613,15 @@ def register(subparsers) -> None:
         "labels) or .csv (optional header; a last column named 'label' contains labels)",
     )
     parser.add_argument(
+        "--model",
+        metavar="DIR",
+        help="retrieve with the DP memory that `pyro-am fit --out DIR` wrote, in its own "
+        "scaling, instead of a KDE and a dense associative memory over stored patterns; the "
+        "patterns default to the data set it was fitted to",
+    )
+    parser.add_argument(
         "--scale",
         choices=SCALINGS,
-        default="unit",
         help="map all values to [0, 1] by the global min and max (unit, the default), "
         "standardize each column, or keep the raw values (none)",
     )
@@ -518,7 +629,6 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--energy",
         choices=(*ENERGIES, "both"),
-        default="both",
         help="Gaussian KDE, dense associative memory, or both (default)",
     )
     parser.add_argument(
@@ -561,8 +671,8 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--num-queries",
         type=int,
-        default=200,
-        help="held-out queries, and stored patterns probed for exact recall (default: 200)",
+        help="held-out queries, and stored patterns probed for exact recall (default: 200, or "
+        "a fifth of the patterns if that is fewer)",
     )
     parser.add_argument(
         "--max-steps",
