@@ -184,6 +184,10 @@ def load_pattern_file(path) -> Dataset:
 def _read_npy(path: str) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
+    except EOFError as error:
+        raise ValueError(
+            f"pattern file {path!r} is empty or truncated; expected a .npy array."
+        ) from error
     except (OSError, ValueError) as error:
         raise ValueError(f"pattern file {path!r} is not a readable .npy array: {error}") from error
 
@@ -212,7 +216,8 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
 
 def _read_csv(path: str) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        # utf-8-sig drops the byte-order mark that spreadsheet programs write before the header.
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
             numbered = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
     except (OSError, UnicodeDecodeError, csv.Error) as error:

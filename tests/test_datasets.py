@@ -139,6 +139,19 @@ def test_csv_round_trip_without_header(tmp_path, patterns):
     assert dataset.labels is None
 
 
+def test_csv_with_byte_order_mark(tmp_path, patterns, labels):
+    path = tmp_path / "patterns.csv"
+    header = ",".join([f"f{i}" for i in range(patterns.shape[1])] + ["label"])
+    rows = [
+        ",".join([repr(float(v)) for v in row] + [str(y)])
+        for row, y in zip(patterns, labels, strict=True)
+    ]
+    path.write_text("\n".join([header, *rows]) + "\n", encoding="utf-8-sig")
+    dataset = load_pattern_file(path)
+    assert dataset.feature_names[0] == "f0"
+    np.testing.assert_array_equal(dataset.labels, labels)
+
+
 def test_csv_header_without_label_column(tmp_path, patterns):
     path = tmp_path / "patterns.csv"
     header = ",".join(f"f{i}" for i in range(patterns.shape[1]))
@@ -162,6 +175,7 @@ def _write_bytes(path, payload: bytes):
         ("nan.npy", lambda p: np.save(p, np.array([[0.0, np.nan], [1.0, 2.0]])), "NaN"),
         ("text.npy", lambda p: np.save(p, np.array([["a", "b"], ["c", "d"]])), "numeric"),
         ("garbage.npy", lambda p: _write_bytes(p, b"not an array"), "not a readable .npy"),
+        ("zero.npy", lambda p: _write_bytes(p, b""), "empty or truncated"),
         ("nopatterns.npz", lambda p: np.savez(p, other=np.zeros((3, 2))), "no 'patterns'"),
         ("garbage.npz", lambda p: _write_bytes(p, b"PK not a zip"), "not a readable .npz"),
         (
