@@ -22,30 +22,25 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.distributions import constraints
-from pyro.nn import PyroModule, PyroParam, pyro_method
+from pyro.nn import pyro_method
 
-from pyro_am._validation import (
-    as_float_tensor,
-    check_finite,
-    check_int,
-    check_interval,
-    check_positive,
-)
+from pyro_am._validation import check_int, check_interval, check_positive
 from pyro_am.distributions.mixture import GaussianMixture
 from pyro_am.distributions.stick_breaking import BetaStickBreaking, StickBreakingWeights
 from pyro_am.dynamics import retrieve
 from pyro_am.energies import GaussianMixtureEnergy
 from pyro_am.models import _dp_cavi as cavi
+from pyro_am.models import _dp_crp, _dp_io
+from pyro_am.models._dp_crp import CRPEnergy
 from pyro_am.models._dp_fit import fit_cavi, fit_svi, load_checkpoint
+from pyro_am.models._dp_io import atomic_save
+from pyro_am.models._dp_parameters import DPMemoryParameters
 
 logger = logging.getLogger(__name__)
 
@@ -88,56 +83,7 @@ class DPFitResult:
     wall_time: float = 0.0
 
 
-class CRPEnergy(GaussianMixtureEnergy):
-    """The Chinese-restaurant energy of a DP memory, with an attractor for a new memory.
-
-    ``E_crp(x) = -log[(alpha + d K) N(x; m0, (s^2 + s0^2) I) + sum_k (n_k - d) N(x; m_k, s^2 I)]``.
-    The weights are unnormalized counts. :meth:`log_prob` is the normalized CRP predictive density
-    ``-E_crp(x) - log(n + alpha)``, where ``n = sum_k n_k``. The new-memory component is the last
-    of the K + 1 memories.
-
-    :param torch.Tensor means: memory means of shape (K, D).
-    :param torch.Tensor counts: memory counts n_k of shape (K,).
-    :param torch.Tensor noise_variance: ``s_k^2``, broadcastable to (K, D).
-    :param torch.Tensor new_variance: the noise variance of a new memory, broadcastable to (D,).
-    :param float concentration: alpha.
-    :param float discount: d.
-    :param torch.Tensor prior_mean: m0 of shape (D,).
-    :param torch.Tensor prior_variance: s0^2 of shape (D,).
-    """
-
-    def __init__(
-        self,
-        means,
-        counts,
-        noise_variance,
-        new_variance,
-        concentration,
-        discount,
-        prior_mean,
-        prior_variance,
-    ):
-        num_memories, dim = means.shape
-        noise = noise_variance.expand(num_memories, dim)
-        create = (new_variance.reshape(-1).expand(dim) + prior_variance)[None]
-        variances = torch.cat([noise, create])
-        tiny = torch.finfo(means.dtype).tiny
-        join = (counts - discount).clamp_min(tiny)
-        create = torch.as_tensor(concentration + discount * num_memories, dtype=means.dtype)
-        unnormalized = torch.cat([join, create.reshape(1).to(means.device)])
-        self.total_weight = unnormalized.sum()
-        super().__init__(
-            torch.cat([means, prior_mean[None]]), variances.sqrt(), logits=unnormalized.log()
-        )
-
-    def _energy(self, x):
-        return super()._energy(x) - self.total_weight.log()
-
-    def _log_prob(self, x):
-        return -super()._energy(x)
-
-
-class DPMemory(PyroModule):
+class DPMemory(DPMemoryParameters):
     """Gaussian mixture memory with a truncated stick-breaking (DP or Pitman-Yor) prior.
 
     The memories are the posterior means of the mixture components, and the number in use is
@@ -238,207 +184,6 @@ class DPMemory(PyroModule):
             self.register_buffer("fixed_scale", self._fixed_scale(scale))
         self.register_buffer("memory_counts", torch.zeros(truncation, dtype=torch.float64))
         self._write_posterior(self._prior_draw(truncation, torch.get_default_dtype()))
-
-    # -- construction helpers --------------------------------------------------------------------
-    def _vector(self, name, value) -> torch.Tensor:
-        tensor = as_float_tensor(name, value).to(torch.float64)
-        if tensor.numel() == 1:
-            tensor = tensor.reshape(1).expand(self.dim).clone()
-        if tensor.shape != (self.dim,):
-            raise ValueError(
-                f"{name} must be a float or have shape ({self.dim},), "
-                f"but has shape {tuple(tensor.shape)}."
-            )
-        return check_finite(name, tensor)
-
-    def _fixed_scale(self, scale) -> torch.Tensor:
-        fixed = as_float_tensor("scale", scale).to(torch.float64)
-        check_finite("scale", fixed)
-        if not bool((fixed > 0).all()):
-            raise ValueError(f"scale must be positive, but got {fixed.tolist()}.")
-        if fixed.numel() == 1:
-            fixed = fixed.reshape(())
-            return fixed if self.covariance == "isotropic" else fixed.expand(self.dim).clone()
-        if self.covariance == "isotropic" or fixed.shape != (self.dim,):
-            raise ValueError(
-                f"scale must be a float (isotropic) or a tensor of shape ({self.dim},) (diagonal), "
-                f"but has shape {tuple(fixed.shape)} with covariance={self.covariance!r}."
-            )
-        return fixed
-
-    def _prior_draw(self, truncation, dtype) -> cavi.Posterior:
-        """Return a posterior whose memories are draws from the prior, before any data is seen."""
-        prior = self._prior(torch.empty(0, dtype=dtype, device=self.prior_mean.device))
-        counts = torch.zeros(truncation, dtype=dtype, device=prior.prior_mean.device)
-        concentration1, concentration0 = cavi.update_sticks(counts, prior)
-        std = prior.prior_variance.sqrt()
-        loc = prior.prior_mean + std * torch.randn(
-            truncation, self.dim, dtype=dtype, device=std.device
-        )
-        variance = self._initial_variance(prior, truncation)
-        return cavi.Posterior(
-            concentration1, concentration0, loc, std.expand(truncation, -1).clone(), variance
-        )
-
-    def _initial_variance(self, prior: cavi.Prior, truncation: int) -> torch.Tensor:
-        like = prior.prior_mean
-        if not self.learn_scale:
-            return self._to_internal(self.fixed_scale.to(like).square())
-        rows = truncation if self.per_memory_scale else 1
-        width = 1 if self.covariance == "isotropic" else self.dim
-        variance = torch.full(
-            (rows, width), prior.variance_prior, dtype=like.dtype, device=like.device
-        )
-        return (
-            variance.reshape(()) if rows == width == 1 and not self.per_memory_scale else variance
-        )
-
-    def _to_internal(self, public: torch.Tensor) -> torch.Tensor:
-        """Reshape a variance from its public shape, (), (D,), (K,) or (K, D), to one that
-        broadcasts to (K, D): (), (1, D), (K, 1) or (K, D)."""
-        if self.per_memory_scale and self.covariance == "isotropic":
-            return public.unsqueeze(-1)
-        if not self.per_memory_scale and self.covariance == "diagonal":
-            return public.reshape(1, self.dim)
-        return public
-
-    def _to_public(self, internal: torch.Tensor) -> torch.Tensor:
-        if self.per_memory_scale and self.covariance == "isotropic":
-            return internal.squeeze(-1)
-        if not self.per_memory_scale and self.covariance == "diagonal":
-            return internal.reshape(self.dim)
-        return internal
-
-    def _prior(self, like: torch.Tensor) -> cavi.Prior:
-        return cavi.Prior(
-            concentration=self.concentration,
-            discount=self.discount,
-            prior_mean=self.prior_mean.to(like),
-            prior_variance=self.prior_scale.to(like).square(),
-            learn_variance=self.learn_scale,
-            isotropic=self.covariance == "isotropic",
-            per_memory=self.per_memory_scale,
-            variance_pseudo_count=self.scale_prior[0] if self.learn_scale else 0.0,
-            variance_prior=self.scale_prior[1] ** 2,
-        )
-
-    # -- parameters ------------------------------------------------------------------------------
-    def _replace_param(self, name: str, value: torch.Tensor, constraint) -> None:
-        fullname = f"{self._pyro_name}.{name}" if self._pyro_name else name
-        store = pyro.get_param_store()
-        if fullname in store:
-            del store[fullname]
-        setattr(self, name, PyroParam(value.detach().clone(), constraint))
-
-    def _write_posterior(self, posterior: cavi.Posterior) -> None:
-        """Write ``posterior`` into the parameters that the guide (and model) read."""
-        self._replace_param(
-            "stick_concentration1", posterior.stick_concentration1, constraints.positive
-        )
-        self._replace_param(
-            "stick_concentration0", posterior.stick_concentration0, constraints.positive
-        )
-        self._replace_param("memory_loc", posterior.memory_loc, constraints.real)
-        self._replace_param("memory_scale", posterior.memory_scale, constraints.positive)
-        if self.learn_scale:
-            public = self._to_public(posterior.variance.sqrt())
-            self._replace_param("noise_scale", public, constraints.positive)
-
-    def _posterior(self) -> cavi.Posterior:
-        """Read the current variational parameters as detached tensors."""
-        with torch.no_grad():
-            return cavi.Posterior(
-                self.stick_concentration1.detach().clone(),
-                self.stick_concentration0.detach().clone(),
-                self.memory_loc.detach().clone(),
-                self.memory_scale.detach().clone(),
-                self._to_internal(self._noise_scale().detach().square()),
-            )
-
-    def _noise_scale(self) -> torch.Tensor:
-        """Return the differentiable noise standard deviation.
-
-        Its shape is () or (D,) when shared by the memories and (K,) or (K, D) per memory.
-        """
-        if self.learn_scale:
-            return self.noise_scale
-        return self.fixed_scale.to(self.memory_loc.detach())
-
-    def variational_parameters(self) -> dict[str, torch.Tensor]:
-        """Return the tensors the guide reads (and the learned noise scale), detached."""
-        posterior = self._posterior()
-        parameters = {
-            "stick_concentration1": posterior.stick_concentration1,
-            "stick_concentration0": posterior.stick_concentration0,
-            "memory_loc": posterior.memory_loc,
-            "memory_scale": posterior.memory_scale,
-        }
-        if self.learn_scale:
-            parameters["noise_scale"] = self._to_public(posterior.variance.sqrt())
-        return parameters
-
-    @property
-    def _diagonal_shared(self) -> bool:
-        return self.covariance == "diagonal" and not self.per_memory_scale
-
-    @property
-    def truncation(self) -> int:
-        return self.memory_loc.shape[0]
-
-    @property
-    def num_memories(self) -> int:
-        return self.truncation
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.memory_loc.dtype
-
-    @property
-    def memories(self) -> torch.Tensor:
-        """Posterior means of the memories, shape (K, D)."""
-        return self._posterior().memory_loc
-
-    @property
-    def weights(self) -> torch.Tensor:
-        """Expected stick-breaking weights ``E_q[w_k]``, shape (K,)."""
-        return self._posterior().sticks().mean
-
-    @property
-    def scale(self) -> torch.Tensor:
-        """The current noise standard deviation, shape () or (D,) (shared), (K,) or (K, D)."""
-        return self._to_public(self._posterior().variance.sqrt())
-
-    # -- data checks -----------------------------------------------------------------------------
-    def _check_data(self, name: str, data, like: torch.Tensor | None = None) -> torch.Tensor:
-        if isinstance(data, np.ndarray):
-            data = torch.as_tensor(data, dtype=torch.float64)
-        data = as_float_tensor(name, data)
-        if data.dim() != 2 or data.shape[-1] != self.dim:
-            raise ValueError(
-                f"{name} must have shape (num_data, {self.dim}), but has shape {tuple(data.shape)}."
-            )
-        if data.shape[0] < 1:
-            raise ValueError(f"{name} must contain at least one datum, but is empty.")
-        check_finite(name, data)
-        if like is not None:
-            data = data.to(like)
-        return data
-
-    def _check_query(self, x) -> torch.Tensor:
-        like = self.memory_loc.detach()
-        x = as_float_tensor("x", x, like=like) if not isinstance(x, torch.Tensor) else x
-        if x.dim() < 1 or x.shape[-1] != self.dim:
-            raise ValueError(
-                f"x must have shape (..., {self.dim}), but has shape {tuple(x.shape)}."
-            )
-        return check_finite("x", x.to(like))
-
-    def _match_dtype(self, data: torch.Tensor) -> None:
-        """Convert the variational parameters to ``data``'s dtype and device if they differ."""
-        like = self.memory_loc.detach()
-        if data.dtype != like.dtype or data.device != like.device:
-            posterior = self._posterior()
-            self._write_posterior(cavi.Posterior(*(t.to(data) for t in vars(posterior).values())))
 
     # -- Pyro model and guide --------------------------------------------------------------------
     @pyro_method
@@ -702,77 +447,7 @@ class DPMemory(PyroModule):
         :param batch: data of shape (B, D).
         :returns: the index of the memory each datum joined, shape (B,), int64.
         """
-        batch = self._check_data("batch", batch)
-        if self.memory_counts.sum() <= 0:
-            self._match_dtype(batch)
-        batch = batch.to(self.memory_loc.detach())
-        prior = self._prior(batch)
-        posterior = self._posterior()
-        variance = posterior.variance
-        counts = self.memory_counts.to(batch).clone()
-        loc, scale = posterior.memory_loc, posterior.memory_scale
-        if counts.sum() <= 0:
-            counts, loc, scale = counts[:0], loc[:0], scale[:0]
-            if self.per_memory_scale:
-                variance = variance[:0]
-        if self.per_memory_scale:
-            new_row = prior.empty_memory_variance(batch)
-        else:
-            new_row = variance.reshape(-1)[None] if variance.dim() else variance.reshape(1, 1)
-        precision = cavi.full_precision(variance, loc.shape)
-        # Sufficient statistics S_k = sum of the data in memory k, recovered from q(mu_k).
-        prior_precision = prior.prior_variance.reciprocal()
-        sums = (loc / scale.square() - prior.prior_mean * prior_precision) / precision
-
-        log_two_pi = math.log(2 * math.pi)
-        new_variance = new_row.reshape(-1).expand(self.dim) + prior.prior_variance
-        new_normalizer = -0.5 * (self.dim * log_two_pi + new_variance.log().sum())
-        labels = torch.empty(batch.shape[0], dtype=torch.long, device=batch.device)
-        tiny = torch.finfo(batch.dtype).tiny
-        for n, x in enumerate(batch):
-            num_memories = counts.shape[0]
-            create_score = math.log(self.concentration + self.discount * num_memories)
-            create_score += float(
-                new_normalizer - 0.5 * ((x - prior.prior_mean).square() / new_variance).sum()
-            )
-            best_score, best = -math.inf, -1
-            if num_memories > 0:
-                join_normalizer = -0.5 * (self.dim * log_two_pi - precision.log().sum(-1))
-                scores = (counts - self.discount).clamp_min(tiny).log() + join_normalizer
-                scores = scores - 0.5 * ((x - loc).square() * precision).sum(-1)
-                best_score, best = (float(v) for v in scores.max(0))
-                best = int(best)
-            if create_score > best_score and num_memories < self.max_truncation:
-                new_loc, new_scale = cavi.new_memory_posterior(x, new_row, prior)
-                counts = torch.cat([counts, counts.new_zeros(1)])
-                sums = torch.cat([sums, torch.zeros_like(x)[None]])
-                loc = torch.cat([loc, new_loc[None]])
-                scale = torch.cat([scale, new_scale[None]])
-                if self.per_memory_scale:
-                    variance = torch.cat([variance, new_row])
-                precision = cavi.full_precision(variance, loc.shape)
-                best = num_memories
-                logger.info(
-                    "partial_fit: datum %d created memory %d (%d memories)",
-                    n,
-                    best,
-                    num_memories + 1,
-                )
-            counts[best] += 1
-            sums[best] += x
-            row_loc, row_scale = cavi.update_memories(
-                counts[best : best + 1],
-                sums[best : best + 1],
-                precision[best : best + 1].reciprocal(),
-                prior,
-            )
-            loc[best], scale[best] = row_loc[0], row_scale[0]
-            labels[n] = best
-
-        concentration1, concentration0 = cavi.update_sticks(counts, prior)
-        self._write_posterior(cavi.Posterior(concentration1, concentration0, loc, scale, variance))
-        self.memory_counts = counts
-        return labels
+        return _dp_crp.partial_fit(self, batch)
 
     # -- prediction ------------------------------------------------------------------------------
     def predictive(self) -> GaussianMixture:
@@ -803,24 +478,9 @@ class DPMemory(PyroModule):
             ``-log sum_k E[w_k] N(x; m_k, s^2 I)``; True gives :class:`CRPEnergy`, which adds the
             new-memory attractor and weighs the memories by their counts.
         """
-        posterior = self._posterior()
         if new_memory:
-            prior = self._prior(posterior.memory_loc)
-            counts = self.memory_counts.to(posterior.memory_loc)
-            if self.per_memory_scale:
-                new_variance = prior.empty_memory_variance(posterior.memory_loc)
-            else:
-                new_variance = posterior.variance
-            return CRPEnergy(
-                posterior.memory_loc,
-                counts,
-                posterior.variance,
-                new_variance,
-                self.concentration,
-                self.discount,
-                prior.prior_mean,
-                prior.prior_variance,
-            )
+            return _dp_crp.crp_energy(self)
+        posterior = self._posterior()
         scale = self._to_public(posterior.variance.sqrt())
         if self._diagonal_shared:
             scale = scale.expand(self.truncation, self.dim)
@@ -834,49 +494,15 @@ class DPMemory(PyroModule):
     # -- persistence -----------------------------------------------------------------------------
     def config(self) -> dict:
         """Return the constructor arguments, enough to rebuild an unfitted copy."""
-        return {
-            "dim": self.dim,
-            "truncation": self.truncation,
-            "concentration": self.concentration,
-            "discount": self.discount,
-            "prior_mean": self.prior_mean.clone(),
-            "prior_scale": self.prior_scale.clone(),
-            "scale": None if self.learn_scale else self.fixed_scale.clone(),
-            "covariance": self.covariance,
-            "per_memory_scale": self.per_memory_scale,
-            "scale_prior": self.scale_prior,
-            "assignment": self.assignment,
-            "grow_threshold": self.grow_threshold,
-            "prune_threshold": self.prune_threshold,
-            "max_truncation": self.max_truncation,
-        }
+        return _dp_io.config(self)
 
     def state(self) -> dict:
         """Return the configuration, the variational parameters and the counts as one dict."""
-        return {
-            "format": 1,
-            "config": self.config(),
-            "parameters": self.variational_parameters(),
-            "memory_counts": self.memory_counts.clone(),
-        }
+        return _dp_io.state(self)
 
     def load_state(self, state: dict) -> None:
         """Set the variational parameters and counts from :meth:`state`'s output."""
-        parameters = state["parameters"]
-        if self.learn_scale:
-            variance = self._to_internal(parameters["noise_scale"].square())
-        else:
-            variance = self._to_internal(self.fixed_scale.to(parameters["memory_loc"]).square())
-        self._write_posterior(
-            cavi.Posterior(
-                parameters["stick_concentration1"],
-                parameters["stick_concentration0"],
-                parameters["memory_loc"],
-                parameters["memory_scale"],
-                variance,
-            )
-        )
-        self.memory_counts = state["memory_counts"].clone()
+        _dp_io.load_state(self, state)
 
     def save(self, path) -> None:
         """Write the memory to ``path`` with :func:`torch.save`, atomically."""
@@ -889,24 +515,6 @@ class DPMemory(PyroModule):
         memory = cls(**state["config"], name=name)
         memory.load_state(state)
         return memory
-
-
-def atomic_save(obj, path) -> None:
-    """Save ``obj`` with :func:`torch.save` to a temporary file, then rename it onto ``path``."""
-    import os
-    import tempfile
-
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(obj, stream)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
 __all__ = ["CRPEnergy", "DPFitResult", "DPMemory"]
