@@ -20,96 +20,33 @@ h5netcdf), ``memories.png``, ``elbo.png`` and ``metrics.json``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
 from pyro_am.cli import UsageError
-from pyro_am.datasets import DATASETS, Dataset, load_dataset, load_pattern_file
+from pyro_am.commands._fit_data import SCALINGS as SCALINGS
+from pyro_am.commands._fit_data import Scaling, choose_scaling, load_data, split_held_out
+from pyro_am.commands._fit_io import METADATA_FILE as METADATA_FILE
+from pyro_am.commands._fit_io import MODEL_FILE as MODEL_FILE
+from pyro_am.commands._fit_io import FittedMemory as FittedMemory
+from pyro_am.commands._fit_io import load_fitted as load_fitted
+from pyro_am.commands._fit_io import write_outputs
+from pyro_am.commands._fit_report import MAX_MEMORIES_SHOWN as MAX_MEMORIES_SHOWN
+from pyro_am.commands._fit_report import format_summary, plot_elbo, plot_memories
+from pyro_am.datasets import DATASETS
 
 logger = logging.getLogger(__name__)
 
-SCALINGS = ("auto", "unit", "standardize", "none")
 METHODS = ("cavi", "svi")
 COVARIANCES = ("isotropic", "diagonal")
-MODEL_FILE = "model.pt"
-METADATA_FILE = "fit.json"
-MAX_MEMORIES_SHOWN = 40
-
-
-# -- scaling -------------------------------------------------------------------------------------
-@dataclass
-class Scaling:
-    """The affine map ``z = (x - shift) / factor`` applied per column before fitting.
-
-    :ivar str name: ``unit`` (one global shift and factor onto [0, 1]), ``standardize`` (per
-        column mean and standard deviation) or ``none``.
-    :ivar list shift: the subtracted value per column.
-    :ivar list factor: the divisor per column, positive.
-    """
-
-    name: str
-    shift: list[float]
-    factor: list[float]
-
-    @classmethod
-    def fit(cls, name: str, data: np.ndarray) -> Scaling:
-        dim = data.shape[1]
-        if name == "unit":
-            low, high = float(data.min()), float(data.max())
-            span = high - low if high > low else 1.0
-            return cls(name, [low] * dim, [span] * dim)
-        if name == "standardize":
-            std = data.std(axis=0)
-            std = np.where(std > 1e-12, std, 1.0)
-            return cls(name, data.mean(axis=0).tolist(), std.tolist())
-        return cls("none", [0.0] * dim, [1.0] * dim)
-
-    def transform(self, data):
-        shift, factor = self._as(data)
-        return (data - shift) / factor
-
-    def inverse(self, data):
-        shift, factor = self._as(data)
-        return data * factor + shift
-
-    def log_abs_det_jacobian(self) -> float:
-        """Return ``log |dz/dx| = -sum_d log factor_d``, so ``log p(x) = log p(z) + this``."""
-        return -float(np.log(np.asarray(self.factor)).sum())
-
-    def _as(self, data):
-        if isinstance(data, torch.Tensor):
-            return (
-                torch.as_tensor(self.shift, dtype=data.dtype, device=data.device),
-                torch.as_tensor(self.factor, dtype=data.dtype, device=data.device),
-            )
-        return np.asarray(self.shift), np.asarray(self.factor)
-
-
-def choose_scaling(name: str, dataset: Dataset) -> str:
-    """Resolve ``auto``: ``unit`` for images (one grey scale for all pixels), else ``standardize``.
-
-    Per-pixel standardization would blow up the nearly constant border pixels of the digits.
-    """
-    if name != "auto":
-        return name
-    return "unit" if dataset.image_shape is not None else "standardize"
 
 
 # -- computation ---------------------------------------------------------------------------------
-def split_held_out(num_points: int, fraction: float, seed: int):
-    """Return (train index, held-out index) from a seeded permutation; held-out may be empty."""
-    order = np.random.default_rng(seed).permutation(num_points)
-    num_held_out = int(round(fraction * num_points))
-    num_held_out = min(num_held_out, num_points - 1)
-    return np.sort(order[num_held_out:]), np.sort(order[:num_held_out])
-
-
 def build_memory(train: torch.Tensor, settings: dict):
     """Construct the DP memory with its prior centred on the training data (module docstring)."""
     from pyro_am.models import DPMemory
@@ -178,168 +115,6 @@ def evaluate(model, scaling, train, held_out, train_labels, held_out_labels, wei
     }
 
 
-# -- presentation --------------------------------------------------------------------------------
-def plot_memories(memories: np.ndarray, weights: np.ndarray, dataset: Dataset, data=None):
-    """Draw the memories by decreasing weight: as images, as points over 2-D data, or a heatmap.
-
-    :param numpy.ndarray memories: memories in the data's original units, shape (K, D).
-    :param numpy.ndarray weights: their weights, shape (K,).
-    :param data: the original data, drawn behind the memories when D = 2.
-    """
-    from pyro_am.plotting import new_figure
-
-    order = np.argsort(-weights)[:MAX_MEMORIES_SHOWN]
-    memories, weights = memories[order], weights[order]
-    if dataset.image_shape is not None:
-        columns = min(10, len(order))
-        rows = math.ceil(len(order) / columns)
-        figure = new_figure(1.2 * columns, 1.35 * rows + 0.4)
-        axes = figure.subplots(rows, columns, squeeze=False)
-        for index, axis in enumerate(axes.flat):
-            axis.set_axis_off()
-            if index < len(order):
-                axis.imshow(memories[index].reshape(dataset.image_shape), cmap="gray_r")
-                axis.set_title(f"w={weights[index]:.3f}", fontsize=8)
-    elif dataset.dim == 2:
-        figure = new_figure(5.0, 4.5)
-        axis = figure.subplots()
-        if data is not None:
-            axis.scatter(data[:, 0], data[:, 1], s=6, color="0.6", label="data")
-        axis.scatter(
-            memories[:, 0], memories[:, 1], s=400 * weights + 10, color="tab:red", label="memories"
-        )
-        axis.set_xlabel(dataset.feature_names[0])
-        axis.set_ylabel(dataset.feature_names[1])
-        axis.legend(fontsize=8)
-    else:
-        figure = new_figure(min(12.0, 2.0 + 0.35 * dataset.dim), 1.0 + 0.3 * len(order))
-        axis = figure.subplots()
-        image = axis.imshow(memories, aspect="auto", cmap="coolwarm")
-        axis.set_yticks(range(len(order)), [f"w={w:.3f}" for w in weights], fontsize=7)
-        axis.set_xticks(range(dataset.dim), dataset.feature_names, rotation=90, fontsize=7)
-        figure.colorbar(image, ax=axis)
-    figure.suptitle(f"{dataset.name}: memories by weight", fontsize=10)
-    return figure
-
-
-def plot_elbo(elbo, method: str):
-    """Draw the ELBO per iteration of the fit."""
-    from matplotlib.ticker import MaxNLocator
-
-    from pyro_am.plotting import new_figure
-
-    figure = new_figure(5.0, 3.2)
-    axis = figure.subplots()
-    axis.plot(np.arange(1, len(elbo) + 1), elbo, color="tab:blue")
-    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axis.set_xlabel("iteration")
-    axis.set_ylabel("ELBO")
-    axis.set_title(f"ELBO trace ({method.upper()})", fontsize=10)
-    return figure
-
-
-def format_summary(metrics: dict) -> str:
-    """Format the metrics printed at the end of a fit."""
-    data, fit, scores = metrics["data"], metrics["fit"], metrics["scores"]
-    threshold = metrics["settings"]["weight_threshold"]
-    lines = [
-        f"{data['name']}: {data['num_train']} training and {data['num_held_out']} held-out "
-        f"points of dimension {data['dim']}, scaling {data['scaling']}",
-        f"fit: {fit['method']}, {fit['iterations']} iterations "
-        f"({'converged' if fit['converged'] else 'not converged'}), "
-        f"{fit['wall_time']:.2f} s",
-        f"memories: {scores['num_memories']} with weight > {threshold:g}"
-        f" (truncation {scores['truncation']}; {fit['num_created']} created, "
-        f"{fit['num_pruned']} pruned, {fit['num_merged']} merged during the fit)",
-    ]
-    held_out = scores["held_out_log_likelihood"]
-    if held_out is not None:
-        lines.append(
-            f"held-out log likelihood per point: {held_out:.4f} (scaled units), "
-            f"{scores['held_out_log_likelihood_original_units']:.4f} (original units)"
-        )
-    for split in ("train", "held_out"):
-        if scores[split]["ari"] is not None:
-            lines.append(
-                f"{split.replace('_', '-')} ARI {scores[split]['ari']:.3f}, "
-                f"NMI {scores[split]['nmi']:.3f} (assignments vs labels)"
-            )
-    return "\n".join(lines)
-
-
-# -- I/O -----------------------------------------------------------------------------------------
-def _write_json(path: str, payload: dict) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
-    os.replace(temporary, path)
-
-
-def write_outputs(out_dir, model, metadata, inference_data, metrics, figures) -> dict[str, str]:
-    """Write the model, its metadata, the InferenceData, the figures and metrics.json."""
-    from pyro_am.plotting import save_figure
-
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {name: os.path.join(out_dir, f"{name}.png") for name in figures}
-    for name, figure in figures.items():
-        save_figure(figure, paths[name])
-
-    paths["model"] = os.path.join(out_dir, MODEL_FILE)
-    model.save(paths["model"])
-    paths["metadata"] = os.path.join(out_dir, METADATA_FILE)
-    _write_json(paths["metadata"], metadata)
-
-    paths["inference_data"] = os.path.join(out_dir, "inference_data.nc")
-    temporary = f"{paths['inference_data']}.tmp-{os.getpid()}"
-    inference_data.to_netcdf(temporary, engine="h5netcdf")
-    os.replace(temporary, paths["inference_data"])
-
-    paths["metrics"] = os.path.join(out_dir, "metrics.json")
-    files = {name: os.path.basename(path) for name, path in paths.items()}
-    _write_json(paths["metrics"], {**metrics, "files": files})
-    return paths
-
-
-@dataclass
-class FittedMemory:
-    """A DP memory written by ``pyro-am fit`` with the scaling of its data.
-
-    :ivar model: the :class:`~pyro_am.models.DPMemory`.
-    :ivar Scaling scaling: the map from the data's units to the model's.
-    :ivar dict metadata: the contents of ``fit.json``.
-    """
-
-    model: object
-    scaling: Scaling
-    metadata: dict
-
-    @property
-    def dim(self) -> int:
-        return int(self.metadata["dim"])
-
-
-def load_fitted(directory) -> FittedMemory:
-    """Read a model folder written by ``pyro-am fit``.
-
-    :raises FileNotFoundError: if the folder lacks ``model.pt`` or ``fit.json``.
-    """
-    from pyro_am.models import DPMemory
-
-    directory = os.fspath(directory)
-    model_path = os.path.join(directory, MODEL_FILE)
-    metadata_path = os.path.join(directory, METADATA_FILE)
-    for path in (model_path, metadata_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{path!r} not found; --model must be a folder written by `pyro-am fit --out`."
-            )
-    with open(metadata_path, encoding="utf-8") as handle:
-        metadata = json.load(handle)
-    scaling = Scaling(**metadata["scaling"])
-    return FittedMemory(DPMemory.load(model_path), scaling, metadata)
-
-
 # -- command -------------------------------------------------------------------------------------
 def _check_arguments(args) -> None:
     if args.truncation < 1:
@@ -362,21 +137,6 @@ def _check_arguments(args) -> None:
         raise UsageError(f"--weight-threshold must be in (0, 1), but got {args.weight_threshold}.")
     if args.data is not None and args.dataset is not None:
         raise UsageError("give --data FILE or --dataset NAME, not both.")
-
-
-def load_data(args) -> Dataset:
-    """Load ``--data FILE`` or ``--dataset NAME`` (default digits) and check it has >= 2 points."""
-    if args.data is not None:
-        dataset = load_pattern_file(args.data)
-    else:
-        dataset = load_dataset(args.dataset or "digits")
-    if not np.isfinite(dataset.data).all():
-        raise UsageError(f"{dataset.name} contains NaN or infinite values; remove them first.")
-    if dataset.num_patterns < 2:
-        raise UsageError(
-            f"{dataset.name} has {dataset.num_patterns} pattern(s); a fit needs at least 2."
-        )
-    return dataset
 
 
 def run(args) -> int:
