@@ -11,8 +11,8 @@ Methods:
 
 * ``variational``: :class:`~pyro_am.models.VariationalMemory` with per-memory isotropic scales and
   its default fit (closed-form M-step, 10 mirror flow steps per E-step).
-* ``dp``: :class:`~pyro_am.models.DPMemory` fitted by CAVI with truncation 2K (it may prune or grow
-  memories), when that class is importable.
+* ``dp``: :class:`~pyro_am.models.DPMemory` with per-memory isotropic scales, fitted by CAVI with
+  truncation 2K (it may prune or grow memories), when that class is importable.
 * ``am``: :class:`~pyro_am.models.AMClustering`, memories by masked reconstruction (defaults).
 * ``kmeans``: scikit-learn ``KMeans(n_init=1)``, k-means++ seeding.
 * ``gmm``: scikit-learn ``GaussianMixture(covariance_type="spherical")``, the same covariance family
@@ -51,7 +51,8 @@ def _fit_variational(data, num_classes, seed):
 def _fit_dp(data, num_classes, seed):
     from pyro_am.models import DPMemory
 
-    memory = DPMemory(dim=data.shape[1], truncation=2 * num_classes)
+    # One noise scale per memory: the "spherical" family of the scikit-learn mixtures here.
+    memory = DPMemory(dim=data.shape[1], truncation=2 * num_classes, per_memory_scale=True)
     memory.fit(torch.as_tensor(data), method="cavi", progress=False, seed=seed)
     return memory.assign(torch.as_tensor(data)).argmax(-1).numpy()
 
