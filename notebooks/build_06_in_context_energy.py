@@ -127,9 +127,11 @@ points in red. `n = 0` is the energy before any context.""",
     ),
     (
         "code",
-        """held_out = family.sample(1, num_points, torch.Generator().manual_seed(7))
+        """# Causal training covers context sizes 0 .. num_points - 1.
+largest = num_points - 1
+held_out = family.sample(1, largest, torch.Generator().manual_seed(7))
 points = held_out.points[0]
-sizes = [0, 1, 2, 4, num_points]
+sizes = [0, 1, 2, 4, largest]
 low, high = points.min().item() - 3, points.max().item() + 3
 xs, ys, values = landscape(model, points, sizes, (low, high), resolution=30 if SMALL else 80)
 plot_landscapes(xs, ys, values, points.numpy(), sizes)""",
@@ -171,15 +173,16 @@ print("integral of the predictive density on the grid:", density.sum().item() * 
         "markdown",
         """## Sample quality and held-out NLL against the context size
 
-On held-out mixtures, for n = 1 .. N: the squared energy distance between Langevin samples and
-draws from the true mixture (left, with the distance between two true samples as a floor), and
-the held-out NLL per point of the amortized predictive beside the true mixture and a scikit-learn
-GMM fitted to the same n points (right; that GMM needs n >= 3 and overfits small contexts).""",
+On held-out mixtures, for the context sizes seen in training (n = 1 .. N - 1), the left panel
+shows the squared energy distance between Langevin samples and draws from the true mixture, with
+the distance between two true samples as a floor. The right panel shows the held-out NLL per point
+of the amortized predictive beside the true mixture and a scikit-learn GMM fitted to the same n
+points. That GMM needs n >= 3 and overfits small contexts.""",
     ),
     (
         "code",
         """metrics = evaluate_in_context(
-    model, family, config, amortized, max_points=num_points, num_datasets=num_datasets,
+    model, family, config, amortized, max_points=largest, num_datasets=num_datasets,
     num_samples=32 if SMALL else 128,
 )
 for n, distance, nll in zip(metrics["sizes"], metrics["energy_distance"], metrics["amortized_nll"]):

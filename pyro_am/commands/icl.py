@@ -203,6 +203,18 @@ def _context(args, model, metadata, num_points: int) -> torch.Tensor:
     return points.to(dtype=parameter.dtype, device=parameter.device)
 
 
+def _default_sizes(args, config, mode: str) -> list[int]:
+    """Return ``--sizes``, or 0, 1, 2, 4, 8 and the largest trained size N - 1 when unset.
+
+    Training covers context sizes 0 .. N - 1 in causal mode and 1 .. N - 1 in set mode.
+    """
+    if args.sizes is not None:
+        return args.sizes
+    largest = config.num_points - 1
+    smallest = 0 if mode == "causal" else 1
+    return sorted({n for n in (0, 1, 2, 4, 8) if smallest <= n < largest} | {largest})
+
+
 def _check_sizes(sizes, available: int) -> list[int]:
     if not sizes or any(n < 0 or n > available for n in sizes):
         raise UsageError(f"--sizes must lie in [0, {available}], but got {sizes}.")
@@ -212,8 +224,9 @@ def _check_sizes(sizes, available: int) -> list[int]:
 def run_sample(args) -> int:
     """Draw Langevin samples for several context sizes and plot them."""
     model, config, metadata = _load(args)
-    context = _context(args, model, metadata, max(args.sizes))
-    sizes = _check_sizes(args.sizes, context.shape[0])
+    sizes = _default_sizes(args, config, model.mode)
+    context = _context(args, model, metadata, max(sizes))
+    sizes = _check_sizes(sizes, context.shape[0])
     if model.mode == "set" and 0 in sizes:
         raise UsageError("a set-mode model needs a context; --sizes must be >= 1.")
     from pyro_am.models.icl_evaluation import sample_in_context
@@ -231,9 +244,10 @@ def run_sample(args) -> int:
 
 def run_landscape(args) -> int:
     """Plot ``E(x | x_1 .. x_n)`` on a grid for several context sizes."""
-    model, _, metadata = _load(args)
-    context = _context(args, model, metadata, max(args.sizes))
-    sizes = _check_sizes(args.sizes, context.shape[0])
+    model, config, metadata = _load(args)
+    sizes = _default_sizes(args, config, model.mode)
+    context = _context(args, model, metadata, max(sizes))
+    sizes = _check_sizes(sizes, context.shape[0])
     if model.mode == "set" and 0 in sizes:
         raise UsageError("a set-mode model needs a context; --sizes must be >= 1.")
     limits = icl_io.limits(args.limits, context)
@@ -268,7 +282,7 @@ def run_evaluate(args) -> int:
         family,
         config,
         amortized=amortized,
-        max_points=args.max_points or config.num_points,
+        max_points=args.max_points or config.num_points - 1,
         num_datasets=args.num_datasets,
         num_samples=args.num_samples,
         seed=args.seed,
@@ -309,8 +323,7 @@ def _add_context_input(parser) -> None:
         "--sizes",
         type=int,
         nargs="+",
-        default=[0, 1, 2, 4, 8, 16],
-        help="context sizes n to show (default: %(default)s)",
+        help="context sizes n to show (default: 0, 1, 2, 4, 8 and the largest trained size)",
     )
 
 
@@ -365,7 +378,9 @@ def register(subparsers) -> None:
         help="amortized.pt of the guide (default: next to the model if present; 'none' skips it)",
     )
     evaluate.add_argument(
-        "--max-points", type=int, help="largest context size N (default: as in training)"
+        "--max-points",
+        type=int,
+        help="largest context size (default: N - 1, the largest size seen in training)",
     )
     evaluate.add_argument("--num-datasets", type=int, default=16, help="held-out data sets")
     evaluate.add_argument(

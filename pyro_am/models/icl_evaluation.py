@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture as SklearnGaussianMixture
 
 from pyro_am._validation import check_int, check_positive
@@ -140,13 +142,21 @@ def amortized_nll(amortized, points, test, sizes, seed: int = 0, num_samples: in
 
 
 def fitted_gmm_nll(context: np.ndarray, test: np.ndarray, num_components: int, reg_covar, seed):
-    """Held-out NLL per point of a spherical sklearn GMM fitted to ``context``; None if n < K."""
+    """Compute the held-out NLL per point of a spherical sklearn GMM fitted to ``context``.
+
+    :returns: the NLL, or None when the context has fewer points than components.
+    """
     if context.shape[0] < num_components:
         return None
     gmm = SklearnGaussianMixture(
         num_components, covariance_type="spherical", reg_covar=reg_covar, random_state=seed
     )
-    gmm.fit(context)
+    # EM on a handful of points often stops at max_iter; the baseline is reported either way.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        gmm.fit(context)
+    if caught:
+        logger.debug("GMM on %d context points did not converge", context.shape[0])
     return float(-gmm.score(test))
 
 
