@@ -5,7 +5,8 @@ held-out points, and a :class:`~pyro_am.models.DPMemory` (a truncated Dirichlet 
 process mixture of Gaussians whose components are the memories) is fitted to the training points.
 The prior on the memories is centred on the training mean, ``mu_k ~ N(m0, s0^2 I)``, with ``m0``
 the mean of the scaled training points and ``s0`` their root mean squared deviation from it, so
-that the prior covers the data whatever the scaling.
+that the prior covers the data whatever the scaling. Each memory has its own noise scale unless
+``--no-per-memory-scale`` asks for one scale shared by all memories.
 
 Reported: the number of memories (those with weight above ``--weight-threshold``) and how many
 were created, pruned and merged during the fit, and the held-out log likelihood per point. The log
@@ -20,6 +21,7 @@ h5netcdf), ``memories.png``, ``elbo.png`` and ``metrics.json``.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import os
@@ -44,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("cavi", "svi")
 COVARIANCES = ("isotropic", "diagonal")
+# Two points are the fewest from which a memory's mean and noise scale can both be estimated.
+MIN_TRAIN_POINTS = 2
 
 
 # -- computation ---------------------------------------------------------------------------------
@@ -137,6 +141,10 @@ def _check_arguments(args) -> None:
         raise UsageError(f"--weight-threshold must be in (0, 1), but got {args.weight_threshold}.")
     if args.data is not None and args.dataset is not None:
         raise UsageError("give --data FILE or --dataset NAME, not both.")
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must be an integer in [0, 2^32 - 1], but got {args.seed}.")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out!r} exists and is not a folder; pass a folder path.")
 
 
 def run(args) -> int:
@@ -157,6 +165,12 @@ def run(args) -> int:
     train_index, held_out_index = split_held_out(
         dataset.num_patterns, args.held_out_fraction, args.seed
     )
+    if len(train_index) < MIN_TRAIN_POINTS:
+        raise UsageError(
+            f"--held-out-fraction {args.held_out_fraction:g} leaves {len(train_index)} of "
+            f"{dataset.num_patterns} points for training, but the fit needs at least "
+            f"{MIN_TRAIN_POINTS}; lower the fraction."
+        )
     scaling = Scaling.fit(scaling_name, dataset.data[train_index])
     scaled = scaling.transform(dataset.data)
     train = torch.as_tensor(scaled[train_index], dtype=torch.float32, device=device)
@@ -282,12 +296,20 @@ def register(subparsers) -> None:
     )
 
     model = parser.add_argument_group("model")
-    model.add_argument("--truncation", type=int, default=20, help="initial truncation K (>= 1)")
     model.add_argument(
-        "--concentration", type=float, default=1.0, help="stick-breaking concentration alpha > 0"
+        "--truncation", type=int, default=20, help="initial truncation K >= 1 (default: 20)"
     )
     model.add_argument(
-        "--discount", type=float, default=0.0, help="Pitman-Yor discount d in [0, 1); 0 is the DP"
+        "--concentration",
+        type=float,
+        default=1.0,
+        help="stick-breaking concentration alpha > 0 (default: 1.0)",
+    )
+    model.add_argument(
+        "--discount",
+        type=float,
+        default=0.0,
+        help="Pitman-Yor discount d in [0, 1); 0, the default, is the Dirichlet process",
     )
     model.add_argument(
         "--covariance",
@@ -297,15 +319,26 @@ def register(subparsers) -> None:
     )
     model.add_argument(
         "--per-memory-scale",
-        action="store_true",
-        help="learn one noise scale per memory instead of one shared by all memories",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="learn one noise scale per memory (the default), or with --no-per-memory-scale one "
+        "scale shared by all memories",
     )
 
     fitting = parser.add_argument_group("fitting")
-    fitting.add_argument("--method", choices=METHODS, default="cavi")
+    fitting.add_argument(
+        "--method",
+        choices=METHODS,
+        default="cavi",
+        help="closed-form coordinate ascent (cavi, the default) or Pyro SVI (svi)",
+    )
     fitting.add_argument("--max-iter", type=int, default=200, help="iterations (default: 200)")
-    fitting.add_argument("--seed", type=int, default=0, help="seed of the split and the fit")
-    fitting.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    fitting.add_argument(
+        "--seed", type=int, default=0, help="seed of the split and the fit (default: 0)"
+    )
+    fitting.add_argument(
+        "--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)"
+    )
     fitting.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     fitting.add_argument(
         "--distributed",

@@ -107,6 +107,8 @@ def test_fit_data_file_and_svi(tmp_path):
         (["--discount", "-0.1"], "--discount must be in [0, 1)"),
         (["--held-out-fraction", "1.0"], "--held-out-fraction must be in [0, 1)"),
         (["--max-iter", "0"], "--max-iter must be at least 1"),
+        (["--seed", "-1"], "--seed must be an integer in [0, 2^32 - 1]"),
+        (["--dataset", "iris", "--held-out-fraction", "0.999"], "leaves 1 of 150 points"),
     ],
 )
 def test_fit_rejects_bad_arguments(tmp_path, capsys, arguments, message):
@@ -117,6 +119,18 @@ def test_fit_rejects_bad_arguments(tmp_path, capsys, arguments, message):
     assert len(error.splitlines()) == 1
     assert message in error
     assert not (tmp_path / "out").exists()
+
+
+def test_fit_rejects_out_file_before_fitting(tmp_path, capsys):
+    existing = tmp_path / "not_a_folder"
+    existing.write_text("")
+
+    status = main(["fit", "--dataset", "iris", "--out", str(existing)])
+    error = capsys.readouterr().err.strip()
+
+    assert status == 2
+    assert "is not a folder" in error
+    assert existing.read_text() == ""
 
 
 def test_fit_rejects_non_finite_data(tmp_path, capsys):
