@@ -101,12 +101,12 @@ def normalize_queries(x: torch.Tensor, norm: str = "layer") -> torch.Tensor:
 class AttentionMixture:
     """The vMF mixture whose posterior an attention layer computes.
 
-    :ivar torch.Tensor mean_directions: unit vectors mu_j of shape (..., N, D). For LayerNorm
+    :ivar mean_directions: unit vectors mu_j of shape (..., N, D). For LayerNorm
         they lie in the hyperplane orthogonal to the all-ones vector.
-    :ivar torch.Tensor concentrations: kappa_j >= 0, shape (..., N).
-    :ivar torch.Tensor log_weights: normalized log mixing weights log pi_j, shape (..., N).
-    :ivar int sphere_dim: ambient dimension of the vMF normalizer C (D - 1 for LayerNorm).
-    :ivar str norm: the normalization the mixture was built for.
+    :ivar concentrations: kappa_j >= 0, shape (..., N).
+    :ivar log_weights: normalized log mixing weights log pi_j, shape (..., N).
+    :ivar sphere_dim: ambient dimension of the vMF normalizer C (D - 1 for LayerNorm).
+    :ivar norm: the normalization the mixture was built for.
     """
 
     mean_directions: torch.Tensor

@@ -21,10 +21,10 @@ SCALINGS = ("auto", "unit", "standardize", "none")
 class Scaling:
     """The affine map ``z = (x - shift) / factor`` applied per column before fitting.
 
-    :ivar str name: ``unit`` (one global shift and factor onto [0, 1]), ``standardize`` (per
+    :ivar name: ``unit`` (one global shift and factor onto [0, 1]), ``standardize`` (per
         column mean and standard deviation) or ``none``.
-    :ivar list shift: the subtracted value per column.
-    :ivar list factor: the divisor per column, positive.
+    :ivar shift: the subtracted value per column.
+    :ivar factor: the divisor per column, positive.
     """
 
     name: str

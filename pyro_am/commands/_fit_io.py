@@ -54,8 +54,8 @@ class FittedMemory:
     """A DP memory written by ``pyro-am fit`` with the scaling of its data.
 
     :ivar model: the :class:`~pyro_am.models.DPMemory`.
-    :ivar Scaling scaling: the map from the data's units to the model's.
-    :ivar dict metadata: the contents of ``fit.json``.
+    :ivar scaling: the map from the data's units to the model's.
+    :ivar metadata: the contents of ``fit.json``.
     """
 
     model: object

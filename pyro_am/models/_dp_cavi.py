@@ -46,11 +46,11 @@ from pyro_am.distributions.stick_breaking import BetaStickBreaking
 class Posterior:
     """Variational parameters of the DP memory as plain tensors.
 
-    :ivar torch.Tensor stick_concentration1: ``a_k`` of the K - 1 Beta sticks.
-    :ivar torch.Tensor stick_concentration0: ``b_k`` of the K - 1 Beta sticks.
-    :ivar torch.Tensor memory_loc: posterior means ``m_k`` of the memories, shape (K, D).
-    :ivar torch.Tensor memory_scale: posterior standard deviations ``t_k``, shape (K, D).
-    :ivar torch.Tensor variance: the noise variance ``s^2``, shape (), (1, D), (K, 1) or (K, D).
+    :ivar stick_concentration1: ``a_k`` of the K - 1 Beta sticks.
+    :ivar stick_concentration0: ``b_k`` of the K - 1 Beta sticks.
+    :ivar memory_loc: posterior means ``m_k`` of the memories, shape (K, D).
+    :ivar memory_scale: posterior standard deviations ``t_k``, shape (K, D).
+    :ivar variance: the noise variance ``s^2``, shape (), (1, D), (K, 1) or (K, D).
     """
 
     stick_concentration1: torch.Tensor

@@ -57,19 +57,19 @@ _LLOYD_ITERATIONS = 20
 class DPFitResult:
     """Record of one :meth:`DPMemory.fit` run.
 
-    :ivar list elbo: the ELBO after every iteration. For CAVI it is the exact mean-field ELBO of the
+    :ivar elbo: the ELBO after every iteration. For CAVI it is the exact mean-field ELBO of the
         parameters after that iteration; for SVI it is the negative of the step's loss estimate.
-    :ivar int iterations: the total number of iterations, including those before a resume.
-    :ivar bool converged: whether the relative ELBO change fell below ``tol``.
-    :ivar int num_created: memories created by growing the truncation.
-    :ivar int num_pruned: memories removed because their expected weight fell below the threshold.
-    :ivar int num_merged: memories removed by an accepted merge into another memory.
-    :ivar list events: one dict per structural change, with keys ``"iteration"``, ``"kind"``
+    :ivar iterations: the total number of iterations, including those before a resume.
+    :ivar converged: whether the relative ELBO change fell below ``tol``.
+    :ivar num_created: memories created by growing the truncation.
+    :ivar num_pruned: memories removed because their expected weight fell below the threshold.
+    :ivar num_merged: memories removed by an accepted merge into another memory.
+    :ivar events: one dict per structural change, with keys ``"iteration"``, ``"kind"``
         (``"created"``, ``"pruned"`` or ``"merged"``), ``"memory"`` (its index at that time) and
         ``"weight"`` (its expected weight). A merge also has ``"into"``, the index of the memory
         that absorbed it, and its weight is that memory's weight after the merge.
-    :ivar str method: ``"cavi"``, ``"svi"`` or ``"stream"`` (:meth:`DPMemory.fit_stream`).
-    :ivar float wall_time: seconds spent in this call.
+    :ivar method: ``"cavi"``, ``"svi"`` or ``"stream"`` (:meth:`DPMemory.fit_stream`).
+    :ivar wall_time: seconds spent in this call.
     """
 
     elbo: list = field(default_factory=list)

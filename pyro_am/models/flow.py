@@ -91,11 +91,11 @@ def flow_velocity(assignment_logits: torch.Tensor, log_joint: torch.Tensor) -> t
 class FlowResult:
     """Outcome of :func:`assignment_flow`.
 
-    :ivar torch.Tensor log_q: normalized final assignment log probabilities, shape (..., K).
-    :ivar torch.Tensor free_energy: F at the final state, shape (...).
-    :ivar int steps: number of steps taken (the same for every datum).
-    :ivar bool converged: whether every datum's largest change of ``log q`` fell below ``tol``.
-    :ivar torch.Tensor trajectory: F after every step, shape (steps + 1, ...), or None.
+    :ivar log_q: normalized final assignment log probabilities, shape (..., K).
+    :ivar free_energy: F at the final state, shape (...).
+    :ivar steps: number of steps taken (the same for every datum).
+    :ivar converged: whether every datum's largest change of ``log q`` fell below ``tol``.
+    :ivar trajectory: F after every step, shape (steps + 1, ...), or None.
     """
 
     log_q: torch.Tensor

@@ -350,10 +350,10 @@ class VMFMixture:
     :param int seed: seed of the k-means++ initialization.
     :param bool progress: show a tqdm progress bar over the EM iterations.
 
-    :ivar torch.Tensor mean_directions_: (K, D) unit vectors.
-    :ivar torch.Tensor concentrations_: (K,) kappa.
-    :ivar torch.Tensor weights_: (K,) mixing weights.
-    :ivar list log_likelihood_history_: mean log-likelihood per datum after each E-step.
+    :ivar mean_directions_: (K, D) unit vectors.
+    :ivar concentrations_: (K,) kappa.
+    :ivar weights_: (K,) mixing weights.
+    :ivar log_likelihood_history_: mean log-likelihood per datum after each E-step.
     """
 
     def __init__(
