@@ -143,7 +143,7 @@ def run_train(args) -> int:
         model, family, config, checkpoint=paths["model"], resume=args.resume, metadata=metadata
     )
     seconds = time.perf_counter() - started
-    trained_steps = len(result.history["loss"]) if not args.resume else None
+    trained_steps = result.steps - result.start_step
     amortized = None
     if settings["amortized_steps"] > 0:
         amortized = AmortizedMixtureGuide(

@@ -38,10 +38,18 @@ def add_train_arguments(parser, presets, defaults, families, modes, dtypes) -> N
         help="model size and training length: small (a few minutes on a CPU) or published "
         "(the reference setup; use a GPU) (default: %(default)s)",
     )
-    parser.add_argument("--family", choices=families, default="gmm", help="data-set family")
-    parser.add_argument("--num-components", type=int, default=3, help="mixture components K")
-    parser.add_argument("--prior-std", type=float, default=5.0, help="prior std of the means")
-    parser.add_argument("--component-std", type=float, default=0.33, help="std per component")
+    parser.add_argument(
+        "--family", choices=families, default="gmm", help="data-set family (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--num-components", type=int, default=3, help="mixture components K (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--prior-std", type=float, default=5.0, help="prior std of the means (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--component-std", type=float, default=0.33, help="std per component (default: %(default)s)"
+    )
     parser.add_argument(
         "--num-distinct", type=int, help="number of distinct data sets (default: unlimited)"
     )
@@ -90,8 +98,18 @@ def add_train_arguments(parser, presets, defaults, families, modes, dtypes) -> N
         default="dirichlet",
         help="prior on the amortized guide's mixture weights (default: %(default)s)",
     )
-    parser.add_argument("--dtype", choices=sorted(dtypes), default="float32", help="dtype")
-    parser.add_argument("--checkpoint-every", type=int, default=100, help="steps per checkpoint")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(dtypes),
+        default="float32",
+        help="floating dtype (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=100,
+        help="steps between checkpoints (default: %(default)s)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from --out/model.pt")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 

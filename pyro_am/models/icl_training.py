@@ -119,11 +119,13 @@ class TrainingResult:
     :ivar model: the trained model (the same object that was passed in).
     :ivar history: per-step lists ``loss``, ``positive_energy`` and ``negative_energy``.
     :ivar steps: the number of steps taken in total, counting those before a resume.
+    :ivar start_step: the step this call started from: 0, or the checkpoint's step on resume.
     """
 
     model: InContextEnergy
     history: dict = field(default_factory=dict)
     steps: int = 0
+    start_step: int = 0
 
 
 def contrastive_divergence_loss(positive: torch.Tensor, negative: torch.Tensor, regularization):
@@ -347,7 +349,7 @@ def train_in_context_energy(
             checkpoint, model, optimizer, generators, buffer, total, history, config, metadata
         )
     model.eval()
-    return TrainingResult(model=model, history=history, steps=total)
+    return TrainingResult(model=model, history=history, steps=total, start_step=start)
 
 
 def _stop_on_nan(step: int, what: str):

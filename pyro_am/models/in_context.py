@@ -129,7 +129,8 @@ class InContextEnergy(nn.Module):
         values = energy(context, queries)              # (B, n + 1, m): every prefix at once
         samples = energy.langevin(context, x0)         # Langevin on E(. | D)
 
-    The energy is unnormalized: ``exp(-E(x | D))`` is a density up to a constant that depends on D.
+    The energy is unnormalized, and ``exp(-E(x | D))`` is integrable on R^D only with
+    ``confinement_std`` set. It is then a density up to a constant that depends on D.
 
     :param int dim: dimension D of the points.
     :param int width: model width; must be divisible by ``heads``.

@@ -67,6 +67,7 @@ def test_train_prints_throughput(tmp_path, capsys):
     # Resuming with more steps continues the same run.
     args = ["icl", "train", *TINY, "--steps", "3", "--amortized-steps", "0", "--resume"]
     assert main([*args, "--out", str(out)]) == 0
+    assert "(1 steps in" in capsys.readouterr().out
     _, config, _ = load_checkpoint(out / "model.pt")
     history = json.loads((out / "history.json").read_text())
     assert len(history["history"]["loss"]) == 3

@@ -117,6 +117,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, mode, replay_fraction):
         assert torch.equal(resumed.state_dict()[name], value), name
     assert len(result.history["loss"]) == 6
     assert result.steps == 6
+    assert result.start_step == 4
     assert sorted(os.listdir(path.parent)) == ["model.pt"]
 
 
