@@ -18,6 +18,7 @@ import os
 
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from tqdm.auto import tqdm
 
@@ -52,6 +53,7 @@ def fit_amortized_guide(
     checkpoint_every: int = 100,
     log_every: int = 100,
     progress: bool = True,
+    per_point: bool = True,
 ) -> AmortizedMixtureGuide:
     """Train the encoder of ``amortized`` by SVI on data sets drawn from ``family``.
 
@@ -69,6 +71,9 @@ def fit_amortized_guide(
     :param bool resume: continue from ``checkpoint`` if that file exists.
     :param int log_every: steps between log records.
     :param bool progress: show a tqdm progress bar.
+    :param bool per_point: divide each data set's ELBO by its context size n (through
+        :class:`pyro.poutine.scale` on the model and the guide). Otherwise the summed ELBO weighs a
+        data set by n, and the shared encoder is fitted mostly to large contexts.
     :returns: ``amortized``, with the ELBO per point of every step appended to its ``history``.
     :raises RuntimeError: if the loss becomes NaN or infinite. The message names the step and the
         encoder keeps the parameters from before that step.
@@ -99,7 +104,10 @@ def fit_amortized_guide(
     elbo = Trace_ELBO(
         num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=2
     )
-    svi = SVI(amortized.model, amortized.guide, optimizer, loss=elbo)
+    model, guide = amortized.model, amortized.guide
+    if per_point:
+        model, guide = _per_point(model), _per_point(guide)
+    svi = SVI(model, guide, optimizer, loss=elbo)
     start = 0
     if resume and checkpoint is not None and os.path.exists(checkpoint):
         start = _load_training_state(amortized, checkpoint, optimizer, generator)
@@ -112,7 +120,7 @@ def fit_amortized_guide(
         context = context.to(dtype=parameter.dtype, device=parameter.device)
         snapshot = {k: v.detach().clone() for k, v in amortized.encoder.state_dict().items()}
         try:
-            loss = svi.step(context) / (batch_size * size)
+            loss = svi.step(context) / (batch_size if per_point else batch_size * size)
         except NonFiniteGuideError as error:
             _restore_and_stop(amortized, snapshot, step, str(error))
         if not math.isfinite(loss):
@@ -135,6 +143,14 @@ def _restore_and_stop(amortized, snapshot, step, cause):
         f"amortized SVI stopped at step {step}: {cause}; the encoder parameters from before "
         "that step were kept. Lower the learning rate."
     )
+
+
+def _per_point(program):
+    def scaled(context, *args, **kwargs):
+        with poutine.scale(scale=1.0 / context.shape[1]):
+            return program(context, *args, **kwargs)
+
+    return scaled
 
 
 def _save_training_state(amortized, path, optimizer, generator, step) -> None:

@@ -13,7 +13,11 @@ from scipy.special import logsumexp
 
 from pyro_am.families import GaussianMixtureFamily
 from pyro_am.models import AmortizedMixtureGuide
-from pyro_am.models.amortized_training import fit_amortized_guide, load_amortized_guide
+from pyro_am.models.amortized_training import (
+    _per_point,
+    fit_amortized_guide,
+    load_amortized_guide,
+)
 
 PRIORS = ["dirichlet", "stick_breaking"]
 
@@ -99,6 +103,17 @@ def test_svi_steps_improve_elbo(weights_prior):
     # It climbs by tens of nats within 30 steps, and a 5-nat gain is far outside step noise.
     assert np.mean(history[-5:]) > np.mean(history[:5]) + 5.0
     assert not amortized.encoder.training
+
+
+def test_per_point_elbo_divides_by_context_size():
+    amortized = _guide()
+    context = _context(batch=3, size=7)
+    pyro.set_rng_seed(4)
+    full = Trace_ELBO().loss(amortized.model, amortized.guide, context)
+    pyro.set_rng_seed(4)
+    scaled = Trace_ELBO().loss(_per_point(amortized.model), _per_point(amortized.guide), context)
+    # The same guide draw, every log density scaled by 1 / n; float64.
+    assert scaled == pytest.approx(full / 7, rel=1e-12)
 
 
 def test_plain_svi_trains_the_encoder():
