@@ -91,6 +91,39 @@ def test_softmax_statistics_extreme_logits(device):
     torch.testing.assert_close(statistics.mean(), expected_mean, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_statistics_underflowing_terms(device, dtype):
+    # Shifted logits from 0 down to -1e4: most terms underflow, and the kernel clamps them before
+    # exp(). Each clamped term adds at most e * tiny to a normalizer of at least 1, so the result
+    # must match the dense float64 reference to a few ulps of the dtype.
+    generator = torch.Generator().manual_seed(0)
+    logits = -1e4 * torch.rand(1, 50, generator=generator, dtype=torch.float64)
+    logits[:, 0] = 0.0
+    values = torch.randn(50, 2, generator=generator, dtype=torch.float64)
+    # Zero features and keys make every query's logits equal to the bias.
+    features = torch.zeros(3, 1, dtype=torch.float64)
+    keys = torch.zeros(50, 1, dtype=torch.float64)
+    expected_lse = torch.logsumexp(logits, dim=-1)
+    expected_mean = torch.softmax(logits, dim=-1) @ values
+    statistics = softmax_statistics(
+        features.to(device, dtype),
+        keys.to(device, dtype),
+        logits[0].to(device, dtype),
+        values.to(device, dtype),
+        block_elements=16,
+    )
+    tolerance = 4 * torch.finfo(dtype).eps
+    torch.testing.assert_close(
+        statistics.logsumexp().cpu().double(), expected_lse[:1].expand(3), rtol=0, atol=tolerance
+    )
+    torch.testing.assert_close(
+        statistics.mean().cpu().double(),
+        expected_mean[:1].expand(3, 2),
+        rtol=tolerance,
+        atol=tolerance,
+    )
+
+
 @HYPOTHESIS
 @given(
     seed=st.integers(0, 2**31 - 1),
