@@ -54,6 +54,36 @@ def kmeans_plus_plus(
     return torch.cat(centres, dim=0)
 
 
+def best_kmeans_plus_plus(
+    x: torch.Tensor, num_centres: int, restarts: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Run ``restarts`` greedy k-means++ seedings at once; return the best one's centres (K, D).
+
+    The best seeding has the lowest potential ``sum_n min_k |x_n - c_k|^2``. The seedings run as
+    one batch, so each new centre costs one GEMM for all restarts and candidates together.
+    """
+    num_points = x.shape[0]
+    num_trials = 2 + int(math.log(num_centres))
+    device = x.device
+    norms = x.square().sum(-1)
+    rows = torch.arange(restarts, device=device)
+    chosen = [torch.randint(num_points, (restarts,), generator=generator, device=device)]
+    closest = squared_distances(x, x[chosen[0]], norms).T
+    for _ in range(1, num_centres):
+        totals = closest.sum(-1, keepdim=True)
+        # A seeding whose points all coincide with a centre draws the rest uniformly.
+        weights = torch.where(totals > 0, closest / totals.clamp_min(1e-300), 1.0)
+        candidates = torch.multinomial(weights, num_trials, replacement=True, generator=generator)
+        distances = squared_distances(x, x[candidates.reshape(-1)], norms).T
+        distances = distances.reshape(restarts, num_trials, num_points)
+        candidate_closest = torch.minimum(closest.unsqueeze(1), distances)
+        best = candidate_closest.sum(-1).argmin(-1)
+        chosen.append(candidates[rows, best])
+        closest = candidate_closest[rows, best]
+    winner = closest.sum(-1).argmin()
+    return x[torch.stack(chosen, dim=1)[winner]]
+
+
 def lloyd(
     x: torch.Tensor, centres: torch.Tensor, max_iter: int = 100
 ) -> tuple[torch.Tensor, torch.Tensor]:

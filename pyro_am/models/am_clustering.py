@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from pyro_am._validation import check_finite, check_int, check_interval, check_positive
 from pyro_am.energies import GaussianMixtureEnergy
-from pyro_am.models._kmeans import kmeans_plus_plus, squared_distances
+from pyro_am.models._kmeans import best_kmeans_plus_plus, squared_distances
 
 logger = logging.getLogger(__name__)
 
@@ -201,13 +201,7 @@ class AMClustering:
         return self
 
     def _initial_memories(self, data, generator) -> torch.Tensor:
-        best_potential, best = math.inf, None
-        for _ in range(self.init_restarts):
-            candidate = kmeans_plus_plus(data, self.num_memories, generator)
-            potential = float(squared_distances(data, candidate).min(-1).values.sum())
-            if potential < best_potential:
-                best_potential, best = potential, candidate
-        return best.clone()
+        return best_kmeans_plus_plus(data, self.num_memories, self.init_restarts, generator)
 
     def _stop_on_nan(self, epoch: int, reason: str, memories: torch.Tensor) -> None:
         self.memories_ = memories.clone()

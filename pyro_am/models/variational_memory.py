@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from pyro_am._validation import check_finite, check_int, check_positive
 from pyro_am.dynamics import RetrievalResult, retrieve
 from pyro_am.energies import GaussianMixtureEnergy
-from pyro_am.models._kmeans import kmeans_plus_plus, lloyd, squared_distances
+from pyro_am.models._kmeans import best_kmeans_plus_plus, lloyd, squared_distances
 from pyro_am.models.flow import FlowResult, assignment_flow, check_flow_arguments, free_energy
 
 logger = logging.getLogger(__name__)
@@ -375,12 +375,7 @@ class VariationalMemory(PyroModule):
         """Return (locs, log weights, variances): the M-step of the k-means labels of ``data``."""
         generator = torch.Generator(device=data.device).manual_seed(self.seed)
         with torch.no_grad():
-            best_potential, centres = math.inf, None
-            for _ in range(self.init_restarts):
-                candidate = kmeans_plus_plus(data, self.num_memories, generator)
-                potential = float(squared_distances(data, candidate).min(-1).values.sum())
-                if potential < best_potential:
-                    best_potential, centres = potential, candidate
+            centres = best_kmeans_plus_plus(data, self.num_memories, self.init_restarts, generator)
             if self.init == "kmeans":
                 centres, _ = lloyd(data, centres)
             labels = squared_distances(data, centres).argmin(-1)
