@@ -134,10 +134,10 @@ def test_evaluation_reports_every_size():
         evaluate_in_context(model, ShapesFamily(), config)
 
 
-@pytest.mark.slow
 def test_small_scale_improves_with_context_size():
-    # Pretrain a small causal energy and an amortized guide for a few CPU minutes with fixed
-    # seeds, then score held-out mixtures at n = 1 and at n = 11, the largest trained size.
+    # Pretrain a small causal energy and an amortized guide with fixed seeds (about 40 s on 2
+    # idle CPU cores, the longest test of the default run), then score held-out mixtures at
+    # n = 1 and at n = 11, the largest trained size.
     family = GaussianMixtureFamily()
     torch.manual_seed(0)
     model = InContextEnergy(dim=2, width=32, depth=2, heads=4)
