@@ -24,7 +24,6 @@ the figures are only meaningful at full size.""",
         """import os
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pyro
 import torch
 from pyro.infer import Predictive
@@ -70,7 +69,7 @@ families = {
     "blobs": ShapesFamily("blobs"),
 }
 figure, axes = plt.subplots(1, 4, figsize=(12, 3))
-for axis, (name, family) in zip(axes, families.items()):
+for axis, (name, family) in zip(axes, families.items(), strict=True):
     for points in family.sample_points(3, 200, generator):
         axis.scatter(points[:, 0], points[:, 1], s=3)
     axis.set_title(name)
@@ -152,9 +151,8 @@ points, and its S-draw predictive density integrates to one.""",
     ),
     (
         "code",
-        """amortized = AmortizedMixtureGuide(
-    dim=2, num_components=3, prior_std=5.0, width=width, heads=heads
-)
+        """guide_options = dict(dim=2, num_components=3, prior_std=5.0, width=width, heads=heads)
+amortized = AmortizedMixtureGuide(**guide_options)
 fit_amortized_guide(
     amortized, family, steps=svi_steps, batch_size=16, max_points=num_points, progress=False
 )
@@ -182,10 +180,16 @@ points. That GMM needs n >= 3 and overfits small contexts.""",
     (
         "code",
         """metrics = evaluate_in_context(
-    model, family, config, amortized, max_points=largest, num_datasets=num_datasets,
+    model,
+    family,
+    config,
+    amortized,
+    max_points=largest,
+    num_datasets=num_datasets,
     num_samples=32 if SMALL else 128,
 )
-for n, distance, nll in zip(metrics["sizes"], metrics["energy_distance"], metrics["amortized_nll"]):
+columns = (metrics["sizes"], metrics["energy_distance"], metrics["amortized_nll"])
+for n, distance, nll in zip(*columns, strict=True):
     print(f"n={n:>2}: energy distance {distance:.3f}, amortized NLL {nll:.3f}")
 plot_metrics(metrics)""",
     ),
