@@ -502,3 +502,23 @@ def test_capacity_curve_is_reproducible():
     first = capacity_curve([3], [2, 5], 0.3, trials=2, seed=7, progress=False)
     second = capacity_curve([3], [2, 5], 0.3, trials=2, seed=7, progress=False)
     np.testing.assert_array_equal(first.stored_fraction, second.stored_fraction)
+
+
+def test_ceiling_past_float_range_is_inf():
+    # At h = 0.03 r the exponent beta r (r - rho) is 0.985 / 9e-4 ~ 1094, past log(float max) ~ 709.
+    assert high_dimensional_ceiling(0.03, 1.0) == math.inf
+    # At h = 0.05 r it is 390, so the direct formula is still a float and must match to rounding.
+    rho = 0.025
+    expected = 1.0 + rho * math.exp(1.0 * (1.0 - rho) / 0.05**2) / (1.0 - rho)
+    assert high_dimensional_ceiling(0.05, 1.0) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("bandwidth", [1e-300, 1e300])
+def test_bound_rejects_bandwidth_outside_float_range(bandwidth):
+    memories = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="bandwidth"):
+        storage_bound(memories, bandwidth)
+    with pytest.raises(ValueError, match="bandwidth"):
+        separation_threshold(3, bandwidth, 1.0)
+    with pytest.raises(ValueError, match="bandwidth"):
+        high_dimensional_ceiling(bandwidth, 1.0)

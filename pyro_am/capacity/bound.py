@@ -18,6 +18,7 @@ from pyro_am._validation import as_float_tensor, check_int, check_memories
 from pyro_am.capacity.geometry import (
     _DIFFERENCE_BLOCK_ELEMENTS,
     _ball_radius,
+    _bandwidth,
     _scalar,
     _sphere_separations,
     check_on_sphere,
@@ -143,7 +144,7 @@ def separation_threshold(
     ``d_i = 2 r`` (antipodal patterns) fails, the threshold is ``inf``.
     """
     count = check_int("num_patterns", num_patterns)
-    bandwidth = _scalar("bandwidth", bandwidth)
+    bandwidth = _bandwidth(bandwidth)
     radius = _scalar("radius", radius)
     rho = _ball_radius(ball_radius, bandwidth)
     if count == 1:
@@ -207,7 +208,7 @@ def storage_bound(
     :param float ball_radius: rho > 0; default ``h / 2``.
     :returns: a :class:`StorageBound`.
     """
-    bandwidth = _scalar("bandwidth", bandwidth)
+    bandwidth = _bandwidth(bandwidth)
     if (memories is None) == (separations is None):
         raise ValueError("pass exactly one of memories and separations to storage_bound.")
     if memories is not None:

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_am._validation import check_int, check_interval
-from pyro_am.capacity.geometry import _ball_radius, _scalar, uniform_on_sphere
+from pyro_am.capacity.geometry import _ball_radius, _bandwidth, _scalar, uniform_on_sphere
 from pyro_am.capacity.random_patterns import capacity_lower_bound, certified_fraction
 from pyro_am.capacity.stored import stored_patterns
 
@@ -228,7 +228,7 @@ def capacity_curve(
     sizes = sorted({_integer("num_patterns", count, minimum=1) for count in num_patterns})
     if not sizes:
         raise ValueError("num_patterns must contain at least one positive integer, but is empty.")
-    bandwidth = _scalar("bandwidth", bandwidth)
+    bandwidth = _bandwidth(bandwidth)
     radius = _scalar("radius", radius)
     trials = check_int("trials", trials)
     min_patterns = check_int("min_patterns", min_patterns)

@@ -16,6 +16,10 @@ from pyro_am._validation import check_int, check_memories, check_positive
 # Pairwise differences are formed in blocks of at most this many elements (8 MiB in float64).
 _DIFFERENCE_BLOCK_ELEMENTS = 1 << 20
 
+# Range of bandwidths h for which 1 / h^2 is a finite positive float64.
+_MIN_BANDWIDTH = 1e-150
+_MAX_BANDWIDTH = 1e150
+
 
 # -- geometry ------------------------------------------------------------------------------------
 def _scalar(name: str, value) -> float:
@@ -25,6 +29,18 @@ def _scalar(name: str, value) -> float:
         value = value.item()
     check_positive(name, value)
     return float(value)
+
+
+def _bandwidth(value) -> float:
+    # beta = 1 / h^2 must be a finite positive float: h^2 underflows to 0 below about 1e-154 and
+    # overflows above about 1e154.
+    bandwidth = _scalar("bandwidth", value)
+    if not _MIN_BANDWIDTH <= bandwidth <= _MAX_BANDWIDTH:
+        raise ValueError(
+            f"bandwidth must be in [{_MIN_BANDWIDTH:g}, {_MAX_BANDWIDTH:g}], so that "
+            f"beta = 1 / bandwidth**2 is a finite positive float, but got {bandwidth}."
+        )
+    return bandwidth
 
 
 def _sphere_tolerance(dtype: torch.dtype) -> float:
@@ -120,7 +136,7 @@ def uniform_on_sphere(
 
 def default_ball_radius(bandwidth: float) -> float:
     """Return the default ball radius ``rho = h / 2``, half a kernel width."""
-    return 0.5 * _scalar("bandwidth", bandwidth)
+    return 0.5 * _bandwidth(bandwidth)
 
 
 def _ball_radius(ball_radius, bandwidth: float) -> float:

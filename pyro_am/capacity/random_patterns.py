@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import numpy as np
 
 from pyro_am._validation import check_int, check_interval
 from pyro_am.capacity.bound import separation_threshold
-from pyro_am.capacity.geometry import _ball_radius, _scalar
+from pyro_am.capacity.geometry import _ball_radius, _bandwidth, _scalar
 from pyro_am.capacity.spherical_cap import inner_product_tail
 
 
@@ -72,14 +73,19 @@ def high_dimensional_ceiling(
     uniform patterns tend to 0 as D grows with N fixed. In that limit ``F(x) - x_i`` has a
     component ``-r (N - 1) / (exp(beta r (r - rho)) + N - 1)`` along ``x_i``, so ``F(B_i)`` lies in
     ``B_i`` only if N is at most this value. It does not depend on D, so at fixed ``h / r`` the
-    capacity cannot grow exponentially in D without limit. ``inf`` when ``rho >= r``.
+    capacity cannot grow exponentially in D without limit. ``inf`` when ``rho >= r``, and also
+    when the value exceeds the float range (``h / r`` below about 0.04 at the default rho).
     """
-    bandwidth = _scalar("bandwidth", bandwidth)
+    bandwidth = _bandwidth(bandwidth)
     radius = _scalar("radius", radius)
     rho = _ball_radius(ball_radius, bandwidth)
     if rho >= radius:
         return math.inf
-    return 1.0 + rho * math.exp(radius * (radius - rho) / bandwidth**2) / (radius - rho)
+    # Sum in log space, because exp(beta r (r - rho)) overflows a float at small h / r.
+    log_excess = radius * (radius - rho) / bandwidth**2 + math.log(rho / (radius - rho))
+    if log_excess > math.log(sys.float_info.max):
+        return math.inf
+    return 1.0 + math.exp(log_excess)
 
 
 # Quadrature and Chernoff grids of the pairwise bound for random patterns.
@@ -200,7 +206,7 @@ def certified_fraction(
     """
     num_patterns = check_int("num_patterns", num_patterns)
     dim = check_int("dim", dim, minimum=2)
-    bandwidth = _scalar("bandwidth", bandwidth)
+    bandwidth = _bandwidth(bandwidth)
     radius = _scalar("radius", radius)
     rho = _ball_radius(ball_radius, bandwidth)
     nearest = nearest_certified_fraction(num_patterns, dim, bandwidth, radius, rho)

@@ -14,7 +14,7 @@ import torch
 from pyro_am._validation import check_int, check_interval, check_memories, check_positive
 from pyro_am.capacity.geometry import (
     _ball_radius,
-    _scalar,
+    _bandwidth,
     check_on_sphere,
     nearest_neighbour_distances,
 )
@@ -112,7 +112,7 @@ def stored_patterns(
     :returns: a :class:`StoredPatterns`.
     """
     memories = check_memories("memories", memories)
-    bandwidth = _scalar("bandwidth", bandwidth)
+    bandwidth = _bandwidth(bandwidth)
     if radius is not None:
         check_on_sphere("memories", memories, radius)
     rho = _ball_radius(ball_radius, bandwidth)
