@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import tempfile
 from dataclasses import asdict, dataclass, field
 
@@ -209,6 +210,30 @@ def save_checkpoint(
     write_atomically(path, state)
 
 
+def _read_checkpoint(path) -> dict:
+    """Read a checkpoint with ``weights_only=True``, so that a file cannot run code when loaded.
+
+    :raises ValueError: naming the file, when it is empty, truncated or not a checkpoint.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+        message = str(error).strip()
+        if message.startswith("Weights only load failed"):
+            reason = "it contains objects other than tensors and plain containers"
+        elif message:
+            reason = message.splitlines()[0]
+        else:
+            reason = type(error).__name__
+        raise ValueError(
+            f"checkpoint {os.fspath(path)!r} cannot be read ({reason}); write it again with "
+            "train_in_context_energy or `pyro-am icl train`."
+        ) from error
+    if not isinstance(state, dict) or "model_config" not in state or "model" not in state:
+        raise ValueError(f"{os.fspath(path)!r} is not an in-context energy checkpoint.")
+    return state
+
+
 def load_checkpoint(path, device="cpu") -> tuple[InContextEnergy, CDConfig, dict]:
     """Rebuild the model, the training settings and the metadata stored in a checkpoint.
 
@@ -219,9 +244,7 @@ def load_checkpoint(path, device="cpu") -> tuple[InContextEnergy, CDConfig, dict
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} not found.")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "model_config" not in state or "model" not in state:
-        raise ValueError(f"{path!r} is not an in-context energy checkpoint.")
+    state = _read_checkpoint(path)
     model = InContextEnergy(**state["model_config"])
     model.load_state_dict(state["model"])
     dtype = next(iter(state["model"].values())).dtype
@@ -278,7 +301,7 @@ def train_in_context_energy(
     start = 0
 
     if resume and checkpoint is not None and os.path.exists(checkpoint):
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = _read_checkpoint(checkpoint)
         if state["model_config"] != model.config:
             raise ValueError(
                 f"checkpoint {checkpoint} contains a model with {state['model_config']}, which "

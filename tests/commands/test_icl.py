@@ -159,6 +159,17 @@ def test_bad_input_exits_with_one_line(args, message, capsys, tmp_path):
     assert len(error.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", ["sample", "landscape", "evaluate"])
+def test_empty_model_file_exits_with_one_line(command, capsys, tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"")
+    status = main(["icl", command, "--model", str(path), "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert status == 2
+    assert "model.pt' cannot be read" in error
+    assert len(error.strip().splitlines()) == 1
+
+
 def test_bad_sizes_exit_with_one_line(trained, capsys, tmp_path):
     path = tmp_path / "context.npy"
     np.save(path, np.zeros((3, 2)))

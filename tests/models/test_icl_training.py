@@ -154,6 +154,38 @@ def test_resume_rejects_other_architecture(tmp_path):
         )
 
 
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (exec, ("import os; os.environ['PYRO_AM_TEST_UNPICKLED'] = '1'",))
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage\n", b"PK\x03\x04truncated"])
+def test_unreadable_checkpoint_raises_value_error(tmp_path, content):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="model.pt' cannot be read"):
+        load_checkpoint(path)
+    with pytest.raises(ValueError, match="model.pt' cannot be read"):
+        train_in_context_energy(
+            _small_model(), GaussianMixtureFamily(), _config(), checkpoint=path, resume=True
+        )
+
+
+def test_checkpoint_with_pickled_code_is_not_run(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    train_in_context_energy(
+        _small_model(), GaussianMixtureFamily(), _config(steps=1), checkpoint=path
+    )
+    state = torch.load(path, weights_only=True)
+    state["metadata"] = {"payload": _RunsCodeWhenUnpickled()}
+    torch.save(state, path)
+    monkeypatch.delenv("PYRO_AM_TEST_UNPICKLED", raising=False)
+
+    with pytest.raises(ValueError, match="objects other than tensors"):
+        load_checkpoint(path)
+    assert "PYRO_AM_TEST_UNPICKLED" not in os.environ
+
+
 class _PoisonedFamily(GaussianMixtureFamily):
     """Returns points so large at one step that the float32 LayerNorm variance overflows."""
 
