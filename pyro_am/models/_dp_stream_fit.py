@@ -150,6 +150,13 @@ def fit_stream(
         if not warm_start:
             if init_size is not None:
                 sample = sample[: check_int("init_size", init_size, minimum=1)]
+            if sample.shape[0] < 2:
+                # One row has no spread, so the initial noise variance would be NaN.
+                raise ValueError(
+                    f"the first batch initializes the memory, but it has {sample.shape[0]} row "
+                    "and the initialization needs at least 2; raise batch_size or init_size, "
+                    "or initialize the memory and pass warm_start=True."
+                )
             memory.initialize(sample, seed=seed)
         memory._match_dtype(first)
         centre = sample.mean(0)

@@ -201,3 +201,22 @@ def test_fit_stream_rejects_bad_arguments():
         memory.fit_stream([torch.zeros(5, 3, dtype=torch.float64)], num_data=5)
     with pytest.raises(ValueError, match="yielded no batch"):
         memory.fit_stream([], num_data=5)
+
+
+@pytest.mark.parametrize("options", [{"batch_size": 1}, {"batch_size": 10, "init_size": 1}])
+def test_fit_stream_rejects_one_row_initialization(options):
+    # One row has no variance, so the k-means initialization would set a NaN noise scale.
+    data, _ = _blobs(num_data=20)
+    memory = _fixed_memory()
+    with pytest.raises(ValueError, match="has 1 row and the initialization needs at least 2"):
+        memory.fit_stream(data, progress=False, **options)
+
+
+def test_fit_stream_one_row_batches_after_warm_start():
+    data, _ = _blobs(num_data=40)
+    memory = _fixed_memory()
+    memory.initialize(torch.as_tensor(data[:20]), seed=0)
+    result = memory.fit_stream(data[20:], batch_size=1, warm_start=True, progress=False)
+    assert len(result.elbo) == 20
+    assert all(math.isfinite(value) for value in result.elbo)
+    assert bool(torch.isfinite(memory.memory_loc).all())
