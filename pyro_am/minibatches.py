@@ -152,6 +152,11 @@ class IterableSource(MinibatchSource):
                 num_data = len(source.dataset)
             except (AttributeError, TypeError):
                 num_data = None
+            if num_data == 0:
+                raise ValueError(
+                    "the source's data set is empty (len(source.dataset) == 0), so there is "
+                    "nothing to fit."
+                )
         if num_data is not None:
             num_data = check_int("num_data", num_data, minimum=1)
         self.num_data = num_data
@@ -239,6 +244,8 @@ def minibatches(
     """
     if isinstance(source, MinibatchSource):
         return source
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, but got {dtype!r}.")
     paths = _npy_paths(source)
     if paths is not None:
         arrays = [_open_npy(path) for path in paths]

@@ -101,3 +101,14 @@ def test_minibatches_rejects_bad_sources(tmp_path):
         minibatches(np.zeros((3, 2)), 0)
     with pytest.raises(TypeError, match="source must be"):
         minibatches(3.0, 2)
+
+
+def test_minibatches_rejects_integer_dtype():
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        minibatches(np.zeros((3, 2)), 2, dtype=torch.int64)
+
+
+def test_minibatches_rejects_empty_loader():
+    loader = DataLoader(TensorDataset(torch.zeros(0, 2)), batch_size=4)
+    with pytest.raises(ValueError, match="data set is empty"):
+        minibatches(loader)
