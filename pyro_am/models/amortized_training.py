@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 
 import pyro
 import torch
@@ -164,8 +165,31 @@ def _save_training_state(amortized, path, optimizer, generator, step) -> None:
     write_atomically(path, state)
 
 
+def _read_state(path) -> dict:
+    """Read a guide file, raising a ValueError that names it when it is not one.
+
+    NOTE: ``weights_only=False`` because the training checkpoint stores Pyro's RNG state, which
+    contains NumPy arrays, so load only files from a trusted source.
+    """
+    path = os.fspath(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"amortized guide {path!r} cannot be read ({reason}); write it again with "
+            "fit_amortized_guide or `pyro-am icl train`."
+        ) from error
+    if not isinstance(state, dict) or "config" not in state or "encoder" not in state:
+        raise ValueError(
+            f"{path!r} is not an amortized guide checkpoint (it lacks 'config' or 'encoder'); "
+            "pass the amortized.pt that `pyro-am icl train` writes."
+        )
+    return state
+
+
 def _load_training_state(amortized, path, optimizer, generator) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = _read_state(path)
     if state["config"] != amortized.config:
         raise ValueError(
             f"checkpoint {path} contains a guide with {state['config']}, which does not match "
@@ -183,7 +207,7 @@ def _load_training_state(amortized, path, optimizer, generator) -> int:
 def load_amortized_guide(path, device="cpu") -> AmortizedMixtureGuide:
     """Rebuild a guide saved by :func:`fit_amortized_guide` or from
     :meth:`~pyro_am.models.amortized.AmortizedMixtureGuide.state`."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = _read_state(path)
     return AmortizedMixtureGuide.from_state(state, device=device)
 
 

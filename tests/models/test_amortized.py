@@ -297,3 +297,17 @@ def test_bad_arguments_are_rejected():
         fit_amortized_guide(
             AmortizedMixtureGuide(dim=3, width=8, heads=2, depth=1), GaussianMixtureFamily()
         )
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "cannot be read"), (b"garbage\n", "cannot be read"), (None, "lacks 'config'")],
+)
+def test_load_rejects_unreadable_guide_file(tmp_path, content, message):
+    path = tmp_path / "amortized.pt"
+    if content is None:
+        torch.save({"model": {}}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        load_amortized_guide(path)
