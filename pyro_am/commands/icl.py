@@ -82,7 +82,17 @@ def _settings(args) -> dict:
         value = getattr(args, name)
         if value is not None:
             settings[name] = value
-    if settings["grad_clamp"] is not None and settings["grad_clamp"] <= 0:
+    if settings["amortized_steps"] < 0:
+        raise UsageError(
+            f"--amortized-steps must be an integer >= 0 (0 skips the guide), but got "
+            f"{settings['amortized_steps']}."
+        )
+    if settings["grad_clamp"] is not None and not settings["grad_clamp"] >= 0:
+        raise UsageError(
+            f"--grad-clamp must be a number >= 0 (0 turns the clamp off), but got "
+            f"{settings['grad_clamp']}."
+        )
+    if settings["grad_clamp"] == 0:
         settings["grad_clamp"] = None
     return settings
 
@@ -199,7 +209,8 @@ def _context(args, model, metadata, num_points: int) -> torch.Tensor:
     else:
         family = icl_io.family_from_settings(metadata.get("family"), seed=args.seed)
         generator = torch.Generator().manual_seed(args.seed)
-        points = family.sample_points(1, num_points, generator)[0]
+        # At least one point, so that --sizes 0 alone still has a data set to set the plot range.
+        points = family.sample_points(1, max(num_points, 1), generator)[0]
     return points.to(dtype=parameter.dtype, device=parameter.device)
 
 
@@ -209,6 +220,8 @@ def _default_sizes(args, config, mode: str) -> list[int]:
     Training covers context sizes 0 .. N - 1 in causal mode and 1 .. N - 1 in set mode.
     """
     if args.sizes is not None:
+        if any(n < 0 for n in args.sizes):
+            raise UsageError(f"--sizes must be integers >= 0, but got {args.sizes}.")
         return args.sizes
     largest = config.num_points - 1
     smallest = 0 if mode == "causal" else 1
@@ -348,7 +361,12 @@ def register(subparsers) -> None:
     sample = commands.add_parser("sample", help="Langevin samples for several context sizes")
     _add_model_input(sample)
     _add_context_input(sample)
-    sample.add_argument("--num-samples", type=int, default=500, help="samples per context size")
+    sample.add_argument(
+        "--num-samples",
+        type=int,
+        default=500,
+        help="samples per context size (default: %(default)s)",
+    )
     sample.add_argument(
         "--langevin-steps", type=int, help="Langevin steps (default: as in training)"
     )
@@ -366,7 +384,9 @@ def register(subparsers) -> None:
         metavar=("LOW", "HIGH"),
         help="range of both axes (default: the context's range with a margin)",
     )
-    landscape.add_argument("--resolution", type=int, default=80, help="grid points per axis")
+    landscape.add_argument(
+        "--resolution", type=int, default=80, help="grid points per axis (default: %(default)s)"
+    )
     _add_common(landscape, out)
     _add_figure(landscape)
     landscape.set_defaults(handler=icl_io.checked(run_landscape))
@@ -382,9 +402,14 @@ def register(subparsers) -> None:
         type=int,
         help="largest context size (default: N - 1, the largest size seen in training)",
     )
-    evaluate.add_argument("--num-datasets", type=int, default=16, help="held-out data sets")
     evaluate.add_argument(
-        "--num-samples", type=int, default=128, help="Langevin samples per data set and size"
+        "--num-datasets", type=int, default=16, help="held-out data sets (default: %(default)s)"
+    )
+    evaluate.add_argument(
+        "--num-samples",
+        type=int,
+        default=128,
+        help="Langevin samples per data set and size (default: %(default)s)",
     )
     evaluate.add_argument(
         "--langevin-steps", type=int, help="Langevin steps (default: as in training)"

@@ -149,6 +149,8 @@ def test_evaluate_writes_metrics(trained, tmp_path):
         (["icl", "train", "--width", "10", "--heads", "4"], "divisible by heads"),
         (["icl", "train", "--device", "cuda:7"], "cuda"),
         (["icl", "sample", "--model", "missing-folder"], "not found"),
+        (["icl", "train", "--amortized-steps", "-1"], "--amortized-steps must be an integer >= 0"),
+        (["icl", "train", "--grad-clamp", "-1"], "--grad-clamp must be a number >= 0"),
     ],
 )
 def test_bad_input_exits_with_one_line(args, message, capsys, tmp_path):
@@ -156,6 +158,27 @@ def test_bad_input_exits_with_one_line(args, message, capsys, tmp_path):
     error = capsys.readouterr().err
     assert status == 2
     assert message in error
+    assert len(error.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["sample", "landscape"])
+def test_sizes_zero_alone_uses_prior(command, trained, tmp_path):
+    # n = 0 is the context-free energy; it is in the default sizes, so it must also work alone.
+    out = tmp_path / "out"
+    args = ["icl", command, "--model", str(trained), "--sizes", "0", "--out", str(out)]
+    if command == "sample":
+        args += ["--num-samples", "4"]
+    assert main(args) == 0
+    saved = np.load(out / f"{'samples' if command == 'sample' else 'landscape'}.npz")
+    assert saved["sizes"].tolist() == [0]
+
+
+@pytest.mark.parametrize("command", ["sample", "landscape"])
+def test_negative_sizes_exit_with_one_line(command, trained, capsys, tmp_path):
+    args = ["icl", command, "--model", str(trained), "--sizes", "-1", "--out", str(tmp_path)]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "--sizes must be integers >= 0, but got [-1]" in error
     assert len(error.strip().splitlines()) == 1
 
 
