@@ -6,7 +6,13 @@ import re
 import pytest
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
-FAST_PAGES = ["index.md", "retrieval.md", "variational_memory.md", "attention_vmf.md"]
+FAST_PAGES = [
+    "index.md",
+    "retrieval.md",
+    "variational_memory.md",
+    "attention_vmf.md",
+    "in_context.md",
+]
 # These two fit models for a few hundred steps each, about 10 s per page on 2 CPU cores.
 SLOW_PAGES = ["distributions.md", "dp_memory.md"]
 
