@@ -109,8 +109,11 @@ def _check_arguments(args) -> None:
         if getattr(args, name) < 1:
             flag = "--" + name.replace("_", "-")
             raise UsageError(f"{flag} must be a positive integer, but got {getattr(args, name)}.")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be a non-negative integer, but got {args.seed}.")
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be an integer in [0, 2**63), but got {args.seed}.")
+    # Checked before the sweep, which can take minutes, rather than when the outputs are written.
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out must be a folder, but {args.out!r} is a file.")
 
 
 def run(args) -> int:

@@ -81,6 +81,8 @@ def test_capacity_default_bandwidth_is_a_third_of_radius(tmp_path):
         (["--trials", "0"], "--trials"),
         (["--min-patterns", "0"], "--min-patterns"),
         (["--seed", "-3"], "--seed"),
+        (["--seed", str(2**64)], "--seed"),
+        (["--bandwidth", "1e-300"], "bandwidth"),
         (["--device", "nonsense"], "device"),
         (["--dims", "two"], "invalid int"),
     ],
@@ -98,3 +100,18 @@ def test_capacity_rejects_bad_input(tmp_path, capsys, arguments, message):
     assert len(error.splitlines()) == 1
     assert message in error
     assert not out.exists()
+
+
+def test_capacity_rejects_file_as_out_before_sweep(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "capacity.txt"
+    out.write_text("a file, not a folder\n")
+
+    def fail_if_called(*args, **kwargs):
+        raise AssertionError("the sweep ran although --out cannot be written")
+
+    monkeypatch.setattr("pyro_am.commands.capacity.capacity_curve", fail_if_called)
+    status = main(["capacity", "--dims", "2", "--no-progress", "--out", str(out)])
+    error = capsys.readouterr().err.strip()
+    assert status == 2
+    assert len(error.splitlines()) == 1
+    assert "--out must be a folder" in error
