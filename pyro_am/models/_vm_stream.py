@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
+import struct
 
 import torch
 from tqdm.auto import tqdm
@@ -94,6 +96,23 @@ def _save(memory, path, averages, position) -> None:
     )
 
 
+def _read_stream_state(path) -> dict:
+    """Read the stream position of a checkpoint, raising a ValueError that names the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError, ValueError, pickle.UnpicklingError, struct.error) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"checkpoint {path!r} cannot be read ({reason}); delete it or pass resume=False."
+        ) from error
+    if not isinstance(state, dict) or "stream" not in state:
+        raise ValueError(
+            f"checkpoint {path!r} was not written by VariationalMemory.fit_stream (it has no "
+            "'stream' entry); pass that checkpoint or resume=False."
+        )
+    return state["stream"]
+
+
 def fit_stream(
     memory,
     source,
@@ -128,8 +147,8 @@ def fit_stream(
     position = {"epoch": 0, "batch": 0}
     averages = None
     if resume and checkpoint is not None and _exists(checkpoint):
+        saved = _read_stream_state(checkpoint)
         memory.load_checkpoint(checkpoint)
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["stream"]
         like = memory.locs.detach()
         averages = [value.to(like) for value in saved["averages"]]
         position = {"epoch": saved["epoch"], "batch": saved["batch"]}

@@ -95,3 +95,18 @@ def test_fit_stream_rejects_bad_arguments():
         memory.fit_stream(data, batch_size=2)
     with pytest.raises(ValueError, match=r"batch 0 must have shape \(B, 3\)"):
         memory.fit_stream([torch.zeros(8, 2, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "cannot be read"), (b"junk", "cannot be read"), (None, "no 'stream' entry")],
+)
+def test_resume_rejects_foreign_checkpoint(tmp_path, content, message):
+    path = tmp_path / "memory.pt"
+    if content is None:
+        torch.save({"fit": {}}, path)
+    else:
+        path.write_bytes(content)
+    memory = VariationalMemory(num_memories=2, dim=3)
+    with pytest.raises(ValueError, match=message):
+        memory.fit_stream(np.zeros((10, 3)), batch_size=5, checkpoint=str(path), resume=True)
