@@ -307,6 +307,13 @@ def train_in_context_energy(
                 f"checkpoint {checkpoint} contains a model with {state['model_config']}, which "
                 f"does not match {model.config}; build the same model or start without resume."
             )
+        stored_family = (state.get("metadata") or {}).get("family")
+        requested_family = (metadata or {}).get("family")
+        if None not in (stored_family, requested_family) and stored_family != requested_family:
+            raise ValueError(
+                f"checkpoint {checkpoint} was trained on the family {stored_family}, which does "
+                f"not match {requested_family}; use the same family or start without resume."
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         for name, generator in generators.items():

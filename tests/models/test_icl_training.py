@@ -154,6 +154,25 @@ def test_resume_rejects_other_architecture(tmp_path):
         )
 
 
+def test_resume_rejects_other_family(tmp_path):
+    path = tmp_path / "model.pt"
+    gmm = {"family": {"name": "gmm", "seed": 0}}
+    train_in_context_energy(
+        _small_model(), GaussianMixtureFamily(), _config(steps=1), checkpoint=path, metadata=gmm
+    )
+    moons = {"family": {"name": "moons", "seed": 0}}
+    with pytest.raises(ValueError, match="trained on the family"):
+        train_in_context_energy(
+            _small_model(),
+            GaussianMixtureFamily(),
+            _config(steps=2),
+            checkpoint=path,
+            resume=True,
+            metadata=moons,
+        )
+    assert load_checkpoint(path)[2] == gmm
+
+
 class _RunsCodeWhenUnpickled:
     def __reduce__(self):
         return (exec, ("import os; os.environ['PYRO_AM_TEST_UNPICKLED'] = '1'",))
