@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
+import struct
 from dataclasses import dataclass
 
 from pyro_am.commands._fit_data import Scaling
@@ -71,6 +74,7 @@ def load_fitted(directory) -> FittedMemory:
     """Read a model folder written by ``pyro-am fit``.
 
     :raises FileNotFoundError: if the folder lacks ``model.pt`` or ``fit.json``.
+    :raises ValueError: if either file is unreadable or the two disagree.
     """
     from pyro_am.models import DPMemory
 
@@ -82,7 +86,46 @@ def load_fitted(directory) -> FittedMemory:
             raise FileNotFoundError(
                 f"{path!r} not found; --model must be a folder written by `pyro-am fit --out`."
             )
-    with open(metadata_path, encoding="utf-8") as handle:
-        metadata = json.load(handle)
-    scaling = Scaling(**metadata["scaling"])
-    return FittedMemory(DPMemory.load(model_path), scaling, metadata)
+    try:
+        with open(metadata_path, encoding="utf-8") as handle:
+            metadata = json.load(handle)
+        scaling = Scaling(**metadata["scaling"])
+        dim = int(metadata["dim"])
+    except (ValueError, TypeError, KeyError) as error:
+        raise ValueError(
+            f"{metadata_path!r} is not a fit.json written by `pyro-am fit` ({error!r}); "
+            "fit the model again."
+        ) from error
+    for name, values in (("shift", scaling.shift), ("factor", scaling.factor)):
+        if len(values) != dim:
+            raise ValueError(
+                f"{metadata_path!r} gives {len(values)} scaling {name} values for dimension "
+                f"{dim}; fit the model again."
+            )
+    if not all(math.isfinite(f) and f > 0 for f in scaling.factor):
+        raise ValueError(
+            f"{metadata_path!r} has a scaling factor that is not a positive number; fit the "
+            "model again."
+        )
+    try:
+        model = DPMemory.load(model_path)
+    # torch.load raises one of these on a truncated, foreign or corrupt file.
+    except (
+        RuntimeError,
+        EOFError,
+        KeyError,
+        TypeError,
+        ValueError,
+        pickle.UnpicklingError,
+        struct.error,
+    ) as error:
+        raise ValueError(
+            f"{model_path!r} is not a DP memory written by `pyro-am fit` ({type(error).__name__}); "
+            "fit the model again."
+        ) from error
+    if model.dim != dim:
+        raise ValueError(
+            f"{model_path!r} has dimension {model.dim} but {metadata_path!r} says {dim}; fit the "
+            "model again."
+        )
+    return FittedMemory(model, scaling, metadata)

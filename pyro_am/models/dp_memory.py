@@ -258,6 +258,12 @@ class DPMemory(DPMemoryParameters):
         from pyro_am.models._kmeans import kmeans_plus_plus, lloyd
 
         data = self._check_data("data", data)
+        if data.shape[0] < 2:
+            # The initial noise variance is the data's spread, which one datum does not have.
+            raise ValueError(
+                f"data must contain at least 2 data to initialize the memories, but has "
+                f"{data.shape[0]}; pass more data, or use partial_fit to add data one at a time."
+            )
         generator = torch.Generator(device=data.device)
         generator.manual_seed(int(torch.randint(2**62, ()).item()) if seed is None else seed)
         truncation = min(self.truncation, data.shape[0])

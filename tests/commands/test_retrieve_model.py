@@ -140,6 +140,52 @@ def test_retrieve_model_rejects_energy_flags(fitted_blobs, tmp_path, capsys, fla
     assert "--model" in message
 
 
+def _copy_model(fitted_blobs, tmp_path):
+    _, model_dir, _, _ = fitted_blobs
+    copy = tmp_path / "model_copy"
+    copy.mkdir()
+    for name in ("model.pt", "fit.json"):
+        (copy / name).write_bytes((model_dir / name).read_bytes())
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda folder: (folder / "model.pt").write_bytes(b""), "is not a DP memory"),
+        (lambda folder: (folder / "model.pt").write_text("junk"), "is not a DP memory"),
+        (lambda folder: (folder / "fit.json").write_text("[1, 2]"), "is not a fit.json"),
+        (lambda folder: (folder / "fit.json").write_text("{"), "is not a fit.json"),
+        (
+            lambda folder: (folder / "fit.json").write_text(
+                json.dumps({**json.loads((folder / "fit.json").read_text()), "scaling": None})
+            ),
+            "is not a fit.json",
+        ),
+        (
+            lambda folder: (folder / "fit.json").write_text(
+                json.dumps(
+                    {
+                        **json.loads((folder / "fit.json").read_text()),
+                        "scaling": {"name": "none", "shift": [0.0], "factor": [1.0]},
+                    }
+                )
+            ),
+            "scaling shift values for dimension 4",
+        ),
+    ],
+)
+def test_retrieve_model_rejects_damaged_folder(fitted_blobs, tmp_path, capsys, damage, message):
+    folder = _copy_model(fitted_blobs, tmp_path)
+    damage(folder)
+    status = main(["retrieve", "--model", str(folder), "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+
+    assert status == 2
+    assert message in error
+    assert len(error.strip().splitlines()) == 1
+
+
 def test_retrieve_model_missing_folder(tmp_path, capsys):
     status = main(["retrieve", "--model", str(tmp_path / "absent"), "--out", str(tmp_path)])
     message = capsys.readouterr().err

@@ -316,6 +316,8 @@ def test_bad_data_raises():
         memory.fit(torch.randn(10, 2), method="gibbs", progress=False)
     with pytest.raises(ValueError, match="batch"):
         memory.partial_fit(torch.randn(4, 5))
+    with pytest.raises(ValueError, match="at least 2 data"):
+        memory.fit(torch.randn(1, 2), progress=False)
 
 
 def test_dtype_follows_input():
