@@ -28,6 +28,7 @@ from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
 from tqdm.auto import tqdm
 
 from pyro_am.models import _dp_cavi as cavi
+from pyro_am.models import _dp_moves as moves
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +126,7 @@ def _propose_birth(posterior, step, x, x_squared, total_x_squared, prior, elbo, 
     :returns: ``(posterior, step, elbo)`` of the accepted birth, or None.
     """
     worst = int(step.log_normalizers.argmin())
-    own = (x - posterior.memory_loc[step.responsibilities.argmax(-1)]).square().sum(-1)
-    moved = (x - x[worst]).square().sum(-1) < own
+    moved = moves.moved_to_seed(x, x[worst], posterior, step.responsibilities)
     moved[worst] = True
     responsibilities = step.responsibilities.masked_fill(moved.unsqueeze(-1), 0.0)
     responsibilities = torch.cat([responsibilities, moved.unsqueeze(-1).to(x.dtype)], dim=-1)
@@ -137,16 +137,7 @@ def _propose_birth(posterior, step, x, x_squared, total_x_squared, prior, elbo, 
         responsibilities.T @ x,
         responsibilities.T @ x_squared if with_squares else None,
     )
-    variance = posterior.variance
-    if prior.per_memory:
-        variance = torch.cat([variance, prior.empty_memory_variance(x)])
-    extended = cavi.Posterior(
-        posterior.stick_concentration1,
-        posterior.stick_concentration0,
-        posterior.memory_loc,
-        posterior.memory_scale,
-        variance,
-    )
+    extended = moves.with_empty_memory(posterior, prior, x)
     born = cavi.global_step(statistics, total_x_squared, x.shape[0], extended, prior)
     born_step = cavi.local_step(x, x_squared, born, with_squares)
     born_elbo = float(born_step.log_normalizers.sum() + cavi.global_terms(born, prior))
@@ -165,28 +156,11 @@ def _propose_merge(posterior, step, x, x_squared, total_x_squared, prior, elbo):
 
     :returns: ``(posterior, step, elbo, (j, k))`` of the accepted merge, or None.
     """
-    num_memories = posterior.num_memories
-    if num_memories < 2:
-        return None
-    precision = cavi.full_precision(posterior.variance, posterior.memory_loc.shape)
-    scaled = posterior.memory_loc * precision.sqrt()
-    distances = torch.cdist(scaled, scaled).square()
-    upper = torch.triu(torch.ones_like(distances, dtype=torch.bool), diagonal=1)
-    distances = distances.masked_fill(~upper, math.inf).flatten()
-    num_candidates = min(_MERGE_CANDIDATES, num_memories * (num_memories - 1) // 2)
-    for flat in distances.topk(num_candidates, largest=False).indices.tolist():
-        j, k = divmod(flat, num_memories)
-        keep = torch.ones(num_memories, dtype=torch.bool, device=x.device)
-        keep[k] = False
-        counts, sums = step.counts.clone(), step.sums.clone()
-        counts[j] += counts[k]
-        sums[j] += sums[k]
-        squares = None
-        if step.squares is not None:
-            squares = step.squares.clone()
-            squares[j] += squares[k]
-            squares = squares[keep]
-        merged_statistics = cavi.LocalStep(None, None, counts[keep], sums[keep], squares)
+    for j, k in moves.merge_candidates(posterior, _MERGE_CANDIDATES):
+        keep, counts, kept_counts, sums, squares = moves.merge_statistics(
+            step.counts, step.sums, step.squares, j, k
+        )
+        merged_statistics = cavi.LocalStep(None, None, kept_counts, sums, squares)
         start = posterior.select(keep, counts, prior)
         merged = cavi.global_step(merged_statistics, total_x_squared, x.shape[0], start, prior)
         merged_step = cavi.local_step(x, x_squared, merged, with_squares=squares is not None)

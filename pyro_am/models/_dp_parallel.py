@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from pyro_am import distributed
 from pyro_am.models import _dp_cavi as cavi
 from pyro_am.models import _dp_fit
+from pyro_am.models import _dp_moves as moves
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,7 @@ def _global_worst(x, local, group):
 def _propose_birth(posterior, local, x, x_squared, totals, prior, elbo, with_squares, group):
     """Data-parallel form of the CAVI birth move: the same proposal and the same acceptance."""
     seed, own_index = _global_worst(x, local, group)
-    own = (x - posterior.memory_loc[local.responsibilities.argmax(-1)]).square().sum(-1)
-    moved = (x - seed).square().sum(-1) < own
+    moved = moves.moved_to_seed(x, seed, posterior, local.responsibilities)
     if own_index is not None:
         moved[own_index] = True
     responsibilities = local.responsibilities.masked_fill(moved.unsqueeze(-1), 0.0)
@@ -74,16 +74,7 @@ def _propose_birth(posterior, local, x, x_squared, totals, prior, elbo, with_squ
     statistics = cavi.LocalStep(
         None, None, reduced[0], reduced[1], reduced[2] if with_squares else None
     )
-    variance = posterior.variance
-    if prior.per_memory:
-        variance = torch.cat([variance, prior.empty_memory_variance(x)])
-    extended = cavi.Posterior(
-        posterior.stick_concentration1,
-        posterior.stick_concentration0,
-        posterior.memory_loc,
-        posterior.memory_scale,
-        variance,
-    )
+    extended = moves.with_empty_memory(posterior, prior, x)
     total_x_squared, num_data = totals
     born = cavi.global_step(statistics, total_x_squared, num_data, extended, prior)
     born_local, born_total, data_term = _reduced_step(x, x_squared, born, with_squares, group)
@@ -95,29 +86,12 @@ def _propose_birth(posterior, local, x, x_squared, totals, prior, elbo, with_squ
 
 def _propose_merge(posterior, total, x, x_squared, totals, prior, elbo, group):
     """Data-parallel form of the CAVI merge move: the closest pairs, kept if the ELBO rises."""
-    num_memories = posterior.num_memories
-    if num_memories < 2:
-        return None
-    precision = cavi.full_precision(posterior.variance, posterior.memory_loc.shape)
-    scaled = posterior.memory_loc * precision.sqrt()
-    distances = torch.cdist(scaled, scaled).square()
-    upper = torch.triu(torch.ones_like(distances, dtype=torch.bool), diagonal=1)
-    distances = distances.masked_fill(~upper, math.inf).flatten()
-    num_candidates = min(_dp_fit._MERGE_CANDIDATES, num_memories * (num_memories - 1) // 2)
     total_x_squared, num_data = totals
-    for flat in distances.topk(num_candidates, largest=False).indices.tolist():
-        j, k = divmod(flat, num_memories)
-        keep = torch.ones(num_memories, dtype=torch.bool, device=x.device)
-        keep[k] = False
-        counts, sums = total.counts.clone(), total.sums.clone()
-        counts[j] += counts[k]
-        sums[j] += sums[k]
-        squares = None
-        if total.squares is not None:
-            squares = total.squares.clone()
-            squares[j] += squares[k]
-            squares = squares[keep]
-        merged_statistics = cavi.LocalStep(None, None, counts[keep], sums[keep], squares)
+    for j, k in moves.merge_candidates(posterior, _dp_fit._MERGE_CANDIDATES):
+        keep, counts, kept_counts, sums, squares = moves.merge_statistics(
+            total.counts, total.sums, total.squares, j, k
+        )
+        merged_statistics = cavi.LocalStep(None, None, kept_counts, sums, squares)
         start = posterior.select(keep, counts, prior)
         merged = cavi.global_step(merged_statistics, total_x_squared, num_data, start, prior)
         with_squares = squares is not None

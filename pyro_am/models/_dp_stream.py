@@ -57,6 +57,7 @@ import torch
 from pyro_am import distributed
 from pyro_am.models import _dp_cavi as cavi
 from pyro_am.models import _dp_fit
+from pyro_am.models import _dp_moves as moves
 
 logger = logging.getLogger(__name__)
 
@@ -199,8 +200,7 @@ def _propose_birth(posterior, statistics, batch, x, x_squared, prior, num_data, 
     local = batch.local
     with_squares = statistics.squares is not None
     seed, own_index = _global_worst(x, local, group)
-    own = (x - posterior.memory_loc[local.responsibilities.argmax(-1)]).square().sum(-1)
-    moved = (x - seed).square().sum(-1) < own
+    moved = moves.moved_to_seed(x, seed, posterior, local.responsibilities)
     if own_index is not None:
         moved[own_index] = True
     weights = local.responsibilities * moved.unsqueeze(-1).to(x.dtype)
@@ -227,16 +227,7 @@ def _propose_birth(posterior, statistics, batch, x, x_squared, prior, num_data, 
         born_squares,
         statistics.total_x_squared,
     )
-    variance = posterior.variance
-    if prior.per_memory:
-        variance = torch.cat([variance, prior.empty_memory_variance(x)])
-    extended = cavi.Posterior(
-        posterior.stick_concentration1,
-        posterior.stick_concentration0,
-        posterior.memory_loc,
-        posterior.memory_scale,
-        variance,
-    )
+    extended = moves.with_empty_memory(posterior, prior, x)
     return _global_step(born_statistics, extended, num_data, prior), born_statistics
 
 
@@ -245,31 +236,12 @@ def _propose_merge(posterior, statistics, x, x_squared, prior, elbo, num_data, g
 
     :returns: ``(posterior, statistics, batch, elbo, (j, k))`` of the accepted merge, or None.
     """
-    num_memories = posterior.num_memories
-    if num_memories < 2:
-        return None
-    precision = cavi.full_precision(posterior.variance, posterior.memory_loc.shape)
-    scaled = posterior.memory_loc * precision.sqrt()
-    distances = torch.cdist(scaled, scaled).square()
-    upper = torch.triu(torch.ones_like(distances, dtype=torch.bool), diagonal=1)
-    distances = distances.masked_fill(~upper, math.inf).flatten()
-    num_candidates = min(_dp_fit._MERGE_CANDIDATES, num_memories * (num_memories - 1) // 2)
     with_squares = statistics.squares is not None
-    for flat in distances.topk(num_candidates, largest=False).indices.tolist():
-        j, k = divmod(flat, num_memories)
-        keep = torch.ones(num_memories, dtype=torch.bool, device=x.device)
-        keep[k] = False
-        counts, sums = statistics.counts.clone(), statistics.sums.clone()
-        counts[j] += counts[k]
-        sums[j] += sums[k]
-        squares = None
-        if with_squares:
-            squares = statistics.squares.clone()
-            squares[j] += squares[k]
-            squares = squares[keep]
-        merged_statistics = Statistics(
-            counts[keep], sums[keep], squares, statistics.total_x_squared
+    for j, k in moves.merge_candidates(posterior, _dp_fit._MERGE_CANDIDATES):
+        keep, counts, kept_counts, sums, squares = moves.merge_statistics(
+            statistics.counts, statistics.sums, statistics.squares, j, k
         )
+        merged_statistics = Statistics(kept_counts, sums, squares, statistics.total_x_squared)
         start = posterior.select(keep, counts, prior)
         merged = _global_step(merged_statistics, start, num_data, prior)
         merged_batch = _reduce_batch(x, x_squared, merged, with_squares, group)
