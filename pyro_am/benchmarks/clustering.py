@@ -24,14 +24,13 @@ All fits run in float64 on the CPU with the seed as random state.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 
 import numpy as np
 import torch
 
+from pyro_am._files import write_json
 from pyro_am.datasets import load_dataset, standardize
 
 logger = logging.getLogger(__name__)
@@ -193,17 +192,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: str, payload: dict) -> None:
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
-    os.replace(temporary, path)
-
-
 def run(args) -> int:
     from pyro_am.benchmarks.retrieval import machine_info
     from pyro_am.cli import UsageError
@@ -242,7 +230,7 @@ def run(args) -> int:
     }
     print(format_table(rows))
     if args.out:
-        _write_json(args.out, report)
+        write_json(args.out, report)
         print(f"wrote {args.out}")
     return 0
 

@@ -32,10 +32,8 @@ model, guide, data and seed.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import statistics
 import time
 import warnings
@@ -45,6 +43,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
+
+from pyro_am._files import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -284,17 +284,6 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: str, payload: dict) -> None:
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
-    os.replace(temporary, path)
-
-
 def _check(args) -> None:
     from pyro_am.cli import UsageError
 
@@ -341,7 +330,7 @@ def run(args) -> int:
     report = run_benchmark(config, device)
     print(format_report(report))
     if args.out:
-        _write_json(args.out, report)
+        write_json(args.out, report)
         print(f"wrote {args.out}")
     return 0
 

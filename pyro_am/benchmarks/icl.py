@@ -22,7 +22,8 @@ import statistics
 
 import torch
 
-from pyro_am.benchmarks.retrieval import _write_json, machine_info, time_call
+from pyro_am._files import write_json
+from pyro_am.benchmarks.retrieval import machine_info, time_call
 from pyro_am.families import GaussianMixtureFamily
 from pyro_am.models.icl_training import CDConfig, train_in_context_energy
 from pyro_am.models.in_context import InContextEnergy
@@ -132,7 +133,7 @@ def run(args) -> int:
     }
     print(format_report(report))
     if args.out:
-        _write_json(args.out, report)
+        write_json(args.out, report)
         print(f"wrote {args.out}")
     return 0
 

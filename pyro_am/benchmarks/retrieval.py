@@ -36,6 +36,7 @@ import time
 
 import torch
 
+from pyro_am._files import write_json
 from pyro_am.energies import GaussianKDEEnergy
 from pyro_am.streaming import chunk_sizes
 
@@ -424,17 +425,6 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: str, payload: dict) -> None:
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
-    os.replace(temporary, path)
-
-
 def run(args) -> int:
     from pyro_am.cli import UsageError
     from pyro_am.commands.retrieve import resolve_device
@@ -493,7 +483,7 @@ def run(args) -> int:
         )
     print(format_report(report))
     if args.out:
-        _write_json(args.out, report)
+        write_json(args.out, report)
         print(f"wrote {args.out}")
     return 0
 

@@ -22,7 +22,6 @@ memories.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -32,6 +31,8 @@ import time
 
 import numpy as np
 import torch
+
+from pyro_am._files import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -195,17 +196,6 @@ def _check(args) -> None:
         raise UsageError(f"--data-dir {args.data_dir!r} is not an existing folder.")
 
 
-def _write_json(path: str, payload: dict) -> None:
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
-    os.replace(temporary, path)
-
-
 def run(args) -> int:
     _check(args)
     if args.threads is not None:
@@ -226,7 +216,7 @@ def run(args) -> int:
     if not math.isfinite(report["streaming"]["held_out_log_likelihood"]):
         logger.warning("the streamed fit's held-out log likelihood is not finite")
     if args.out:
-        _write_json(args.out, report)
+        write_json(args.out, report)
         print(f"wrote {args.out}")
     return 0
 

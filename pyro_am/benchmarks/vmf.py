@@ -19,7 +19,8 @@ import statistics
 import numpy as np
 import torch
 
-from pyro_am.benchmarks.retrieval import _write_json, machine_info, time_call
+from pyro_am._files import write_json
+from pyro_am.benchmarks.retrieval import machine_info, time_call
 from pyro_am.distributions import VonMisesFisher
 from pyro_am.distributions.von_mises_fisher import mean_resultant_length
 
@@ -165,7 +166,7 @@ def run(args) -> int:
     }
     print(format_report(report))
     if args.out:
-        _write_json(args.out, report)
+        write_json(args.out, report)
         print(f"wrote {args.out}")
     return 0
 

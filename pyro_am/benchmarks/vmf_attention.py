@@ -38,7 +38,8 @@ import torch
 from sklearn.cluster import AgglomerativeClustering
 from sklearn.metrics import adjusted_rand_score
 
-from pyro_am.benchmarks.retrieval import _write_json, machine_info
+from pyro_am._files import write_json
+from pyro_am.benchmarks.retrieval import machine_info
 from pyro_am.distributions import VonMisesFisher
 from pyro_am.distributions.von_mises_fisher import mean_resultant_length
 from pyro_am.models.vmf_mixture import VMFMixture, spherical_kmeans
@@ -291,7 +292,7 @@ def run(args) -> int:
     if args.figure:
         print(f"wrote {plot_report(report, args.figure)}")
     if args.out:
-        _write_json(args.out, report)
+        write_json(args.out, report)
         print(f"wrote {args.out}")
     return 0
 

@@ -13,18 +13,11 @@ import pickle
 import struct
 from dataclasses import dataclass
 
+from pyro_am._files import write_json
 from pyro_am.commands._fit_data import Scaling
 
 MODEL_FILE = "model.pt"
 METADATA_FILE = "fit.json"
-
-
-def _write_json(path: str, payload: dict) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
-    os.replace(temporary, path)
 
 
 def write_outputs(out_dir, model, metadata, inference_data, metrics, figures) -> dict[str, str]:
@@ -39,7 +32,7 @@ def write_outputs(out_dir, model, metadata, inference_data, metrics, figures) ->
     paths["model"] = os.path.join(out_dir, MODEL_FILE)
     model.save(paths["model"])
     paths["metadata"] = os.path.join(out_dir, METADATA_FILE)
-    _write_json(paths["metadata"], metadata)
+    write_json(paths["metadata"], metadata)
 
     paths["inference_data"] = os.path.join(out_dir, "inference_data.nc")
     temporary = f"{paths['inference_data']}.tmp-{os.getpid()}"
@@ -48,7 +41,7 @@ def write_outputs(out_dir, model, metadata, inference_data, metrics, figures) ->
 
     paths["metrics"] = os.path.join(out_dir, "metrics.json")
     files = {name: os.path.basename(path) for name, path in paths.items()}
-    _write_json(paths["metrics"], {**metrics, "files": files})
+    write_json(paths["metrics"], {**metrics, "files": files})
     return paths
 
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import csv
 import functools
-import json
 import os
 
 import numpy as np
 import torch
 
+from pyro_am._files import write_json
 from pyro_am.cli import UsageError
 from pyro_am.datasets import load_pattern_file
 from pyro_am.families import GaussianMixtureFamily, make_family
@@ -213,16 +213,6 @@ def limits(requested, context: torch.Tensor) -> tuple[float, float]:
 
 
 # -- writers -------------------------------------------------------------------------------------
-def _write_json(path: str, payload: dict) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2)
-            handle.write("\n")
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def write_training_outputs(paths, history, amortized, settings, metadata) -> None:
@@ -234,7 +224,7 @@ def write_training_outputs(paths, history, amortized, settings, metadata) -> Non
         "history": history,
         "amortized_elbo_per_point": amortized_history,
     }
-    _write_json(paths["history"], payload)
+    write_json(paths["history"], payload)
     figure = new_figure(9.0, 3.0)
     left, right = figure.subplots(1, 2)
     steps = np.arange(1, len(history["loss"]) + 1)
@@ -292,7 +282,7 @@ def write_metrics(out, result: dict, figure_path=None) -> list[str]:
 
     os.makedirs(out, exist_ok=True)
     json_path = os.path.join(out, "metrics.json")
-    _write_json(json_path, result)
+    write_json(json_path, result)
     csv_path = os.path.join(out, "metrics.csv")
     columns = [name for name in METRIC_COLUMNS if name in result]
     with open(csv_path, "w", encoding="utf-8", newline="") as handle:

@@ -28,7 +28,6 @@ input's error for comparison).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pyro_am._files import write_json
 from pyro_am.cli import UsageError
 from pyro_am.datasets import (
     Dataset,
@@ -278,12 +278,6 @@ def plot_examples(examples: dict, image_shape, value_range):
 
 
 # -- I/O -----------------------------------------------------------------------------------------
-def _write_json(path: str, payload: dict) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
-    os.replace(temporary, path)
 
 
 def write_outputs(out_dir: str, metrics: dict, figure) -> dict[str, str]:
@@ -296,7 +290,7 @@ def write_outputs(out_dir: str, metrics: dict, figure) -> dict[str, str]:
         "figure": os.path.join(out_dir, "retrieval.png"),
     }
     save_figure(figure, paths["figure"])
-    _write_json(paths["metrics"], {**metrics, "files": {"figure": "retrieval.png"}})
+    write_json(paths["metrics"], {**metrics, "files": {"figure": "retrieval.png"}})
     return paths
 
 
