@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-import nbformat
+from _notebook import write_notebook
 
 CELLS = [
     (
@@ -68,12 +68,16 @@ with the responsibility-weighted mean of the memories' pixels.""",
 cue = torch.where(observed, queries, torch.full_like(queries, 0.5))
 completed = retrieve(kde, cue, method="fixed_point", mask=observed, max_steps=50)
 
+
 def nearest_label(states):
     return memory_labels[torch.cdist(states, memories).argmin(dim=1)]
 
+
 accuracy = (nearest_label(completed.states) == query_labels).double().mean().item()
-print(f"label accuracy after completion: {accuracy:.2f}; converged: "
-      f"{completed.converged.double().mean().item():.2f}")""",
+print(
+    f"label accuracy after completion: {accuracy:.2f}; converged: "
+    f"{completed.converged.double().mean().item():.2f}"
+)""",
     ),
     (
         "markdown",
@@ -93,8 +97,10 @@ noisy = queries + 0.3 * noise
 denoised = retrieve(kde, noisy, method="fixed_point", max_steps=50)
 hopfield = retrieve(dam, noisy, method="fixed_point", max_steps=50)
 
+
 def normalize(x):
     return x / x.norm(dim=-1, keepdim=True)
+
 
 unit_memories = normalize(memories)
 unit_dam = DenseAMEnergy(unit_memories, beta=50.0)
@@ -129,27 +135,18 @@ temperature `T` draws from `exp(-E / T)` up to a bias of order the step size."""
     (
         "code",
         """start = memories[:4].repeat(8, 1)
-samples = retrieve(kde, start, method="langevin", max_steps=50 if SMALL else 200,
-                   temperature=1.0, generator=generator)
+samples = retrieve(
+    kde,
+    start,
+    method="langevin",
+    max_steps=50 if SMALL else 200,
+    temperature=1.0,
+    generator=generator,
+)
 print("mean distance moved:", (samples.states - start).norm(dim=1).mean().item())""",
     ),
 ]
 
 
-def build(path: Path) -> None:
-    notebook = nbformat.v4.new_notebook()
-    for kind, source in CELLS:
-        if kind == "markdown":
-            notebook.cells.append(nbformat.v4.new_markdown_cell(source))
-        else:
-            notebook.cells.append(nbformat.v4.new_code_cell(source))
-    notebook.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    nbformat.write(notebook, path)
-
-
 if __name__ == "__main__":
-    build(Path(__file__).with_name("01_retrieval.ipynb"))
+    write_notebook(CELLS, Path(__file__).resolve().with_name("01_retrieval.ipynb"))

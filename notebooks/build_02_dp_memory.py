@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-import nbformat
+from _notebook import write_notebook
 
 CELLS = [
     (
@@ -260,20 +260,5 @@ print(f"SVI held-out log likelihood per digit: {svi_held_out:.2f} (CAVI: {held_o
 ]
 
 
-def build(path: Path) -> None:
-    notebook = nbformat.v4.new_notebook()
-    for kind, source in CELLS:
-        if kind == "markdown":
-            notebook.cells.append(nbformat.v4.new_markdown_cell(source))
-        else:
-            notebook.cells.append(nbformat.v4.new_code_cell(source))
-    notebook.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    nbformat.write(notebook, path)
-
-
 if __name__ == "__main__":
-    build(Path(__file__).with_name("02_dp_memory.ipynb"))
+    write_notebook(CELLS, Path(__file__).resolve().with_name("02_dp_memory.ipynb"))

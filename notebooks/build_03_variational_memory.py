@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-import nbformat
+from _notebook import write_notebook
 
 CELLS = [
     (
@@ -121,21 +121,5 @@ print(f"squared error on hidden coordinates: zeros {error_zero:.3f}, memory {err
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    notebook = nbformat.v4.new_notebook()
-    notebook.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    for kind, source in CELLS:
-        if kind == "markdown":
-            notebook.cells.append(nbformat.v4.new_markdown_cell(source))
-        else:
-            notebook.cells.append(nbformat.v4.new_code_cell(source))
-    return notebook
-
-
 if __name__ == "__main__":
-    path = Path(__file__).with_name("03_variational_memory.ipynb")
-    nbformat.write(build(), path)
+    write_notebook(CELLS, Path(__file__).resolve().with_name("03_variational_memory.ipynb"))

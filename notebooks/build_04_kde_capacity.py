@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-import nbformat
+from _notebook import write_notebook
 
 CELLS = [
     (
@@ -164,22 +164,5 @@ plt.show()""",
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    notebook = nbformat.v4.new_notebook()
-    notebook.metadata["kernelspec"] = {
-        "display_name": "Python 3",
-        "language": "python",
-        "name": "python3",
-    }
-    for kind, source in CELLS:
-        if kind == "markdown":
-            notebook.cells.append(nbformat.v4.new_markdown_cell(source))
-        else:
-            notebook.cells.append(nbformat.v4.new_code_cell(source))
-    return notebook
-
-
 if __name__ == "__main__":
-    path = Path(__file__).resolve().parent / "04_kde_capacity.ipynb"
-    nbformat.write(build(), path)
-    print(f"wrote {path}")
+    write_notebook(CELLS, Path(__file__).resolve().with_name("04_kde_capacity.ipynb"))

@@ -1,5 +1,7 @@
 """Execute every notebook under notebooks/ at small sizes (PYRO_AM_NOTEBOOK_SMALL=1)."""
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import nbformat
@@ -30,3 +32,17 @@ def test_notebook_executes(path, monkeypatch):
         if output.get("output_type") == "error"
     ]
     assert not errors
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
+def test_notebook_matches_its_builder(path, monkeypatch):
+    # The stored notebook must be what its builder writes, so that edits to one reach the other.
+    builder = path.with_name(f"build_{path.stem}.py")
+    monkeypatch.setattr(sys, "path", [str(path.parent), *sys.path])
+    spec = importlib.util.spec_from_file_location(f"build_{path.stem}", builder)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    notebook = nbformat.read(path, as_version=4)
+
+    stored = [(cell.cell_type, cell.source) for cell in notebook.cells]
+    assert stored == [(kind, source) for kind, source in module.CELLS]
