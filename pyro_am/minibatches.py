@@ -1,6 +1,6 @@
 """Minibatch sources for streaming fits: arrays, memory maps, ``.npy`` shards and data loaders.
 
-A streaming fit sees the data only as a sequence of (B, D) batches and, for the DP memory, the
+A streaming fit reads the data only as a sequence of (B, D) batches and, for the DP memory, the
 total number of data N, which scales each batch's statistics by ``N / B``. :func:`minibatches`
 wraps the supported sources in one interface:
 

@@ -251,7 +251,7 @@ def capacity_lower_bound(
     ``1 - delta``. With ``"nearest"`` it is the largest N whose nearest-neighbour fraction
     (:func:`nearest_certified_fraction`) is at least ``1 - delta``, the closed form that the
     derivation analyses. All three decrease in N, so the search doubles N and then bisects. The
-    answer is capped at ``max_patterns``.
+    result is capped at ``max_patterns``.
     """
     check_interval("delta", delta, 0.0, 1.0)
     if delta == 0.0:

@@ -118,7 +118,7 @@ def load_fitted(directory) -> FittedMemory:
         ) from error
     if model.dim != dim:
         raise ValueError(
-            f"{model_path!r} has dimension {model.dim} but {metadata_path!r} says {dim}; fit the "
+            f"{model_path!r} has dimension {model.dim} but {metadata_path!r} gives {dim}; fit the "
             "model again."
         )
     return FittedMemory(model, scaling, metadata)

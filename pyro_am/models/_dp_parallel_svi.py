@@ -71,7 +71,7 @@ def fit_svi_parallel(
 ):
     """Fit ``memory`` by Pyro SVI with Adam, averaging the gradients over the ranks.
 
-    ``batch_size`` subsamples each rank's block (the ``"data"`` plate), so a step sees
+    ``batch_size`` subsamples each rank's block (the ``"data"`` plate), so a step uses
     ``P * batch_size`` data. The recorded ELBO of a step is the mean of the ranks' estimates,
     which estimates the ELBO of all the data. Rank 0 writes the checkpoints, and with
     ``resume=True`` every rank reads the checkpoint, so it must be on a file system that all

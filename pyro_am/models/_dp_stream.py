@@ -19,7 +19,7 @@ memories are computed from the blended T under the current variance estimate. Th
 
 which satisfies the Robbins-Monro conditions (sum rho_t = inf, sum rho_t^2 < inf) for
 ``0.5 < kappa <= 1`` and ``tau >= 0``. ``kappa = 0`` gives rho_t = 1, a CAVI step on each batch
-alone. With one batch that holds all the data, that step is exactly the global and local step
+alone. With one batch that contains all the data, that step is exactly the global and local step
 of a CAVI iteration.
 
 A learned noise variance is a point estimate, not a conjugate factor. It is set by the CAVI

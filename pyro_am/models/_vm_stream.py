@@ -16,7 +16,7 @@ models", JRSS-B 2009; Liang and Klein, "Online EM for unsupervised models", NAAC
 converges to a stationary point of the likelihood for ``0.5 < kappa <= 1`` when the E-step is
 exact. With T flow steps the E-step is the T-step flow posterior, as in :meth:`fit`, so the fixed
 points are those of the generalized EM that :meth:`fit` runs. With ``kappa = 0`` and one batch
-that holds all the data, each step is exactly one iteration of the closed-form :meth:`fit`
+that contains all the data, each step is exactly one iteration of the closed-form :meth:`fit`
 without warm starts. The averages do not depend on N, so no data count is needed.
 
 NOTE: the flow starts from uniform q on every batch, because a stream does not revisit data by
